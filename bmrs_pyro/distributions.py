@@ -1,0 +1,697 @@
+"""Truncated normal, truncated log-normal and log-uniform distributions for Pyro.
+
+Parameterisation. ``TruncatedNormal(loc, scale, low, high)`` is N(loc, scale^2) restricted to
+[low, high]. ``TruncatedLogNormal(loc, scale, low, high)`` is theta = exp(z) with z that truncated
+normal, so ``low``/``high`` bound log theta (support [e^low, e^high]). ``LogUniform(low, high)`` is
+theta = exp(u), u ~ Uniform(low, high). ``kl_divergence`` is registered in closed form for
+(TruncatedLogNormal, LogUniform) and (TruncatedNormal, Uniform); it is log(p.high - p.low) minus
+the entropy of z, because KL is invariant under z -> e^z.
+
+Parameters may be float32 or float64; everything is computed in float64 and returned in the
+parameters' dtype. With alpha = (low - loc)/scale, beta = (high - loc)/scale and
+Z = Phi(beta) - Phi(alpha), the numerical tricks, one line each:
+
+- Flip: if alpha + beta > 0 use (-beta, -alpha), so the mass is never in an upper tail, where
+  1 - Phi loses everything.
+- Offset form: when loc lies outside [low, high] (x = distance to the near bound in scale units
+  >= -1), z = bound - scale * v with v >= 0 of density ~ exp(-x v - v^2/2) on [0, W]; every
+  moment is computed for v, because z - bound (~1e-19 on the grid) is far below z's own ulp.
+- Mills-ratio gap g(x) = phi(x)/Phi(-x) - x and u(x) = 1 - x g(x) from Laplace's continued
+  fraction for x >= 4: they are ~1/x and ~2/x^2, the parts that survive after the huge terms of
+  the textbook formulas (~x^2 ~ 1e19) cancel, so they must never be formed by subtraction.
+- Moments of v in closed form from g and u (two-sided truncation enters through
+  e^d = Phi(-x-W)/Phi(-x)); the entropy combines log Z and the beta phi(beta)/Z term
+  analytically into Lambda(x) + x E[v] + E[v^2]/2 (Lambda(x) = log Phi(-x) + x^2/2 ~ -log x).
+- log(Phi(-x-v)/Phi(-x)) for v <= 1 as -v (x + v/2 + mean of g), so tiny offsets keep full
+  relative precision (cdf, icdf and the truncation mass).
+- Inside the interval (x < -1) Z >= 0.68, so phi(alpha)/Z and phi(beta)/Z are formed directly.
+- E[theta] = exp(K(1)) with K(t) = log E[e^{tz}] written as t * bound + M(x + t*scale) - M(x)
+  (offset form) or t*loc + t^2 scale^2/2 + log Z(alpha - t scale, beta - t scale) - log Z:
+  the huge parts cancel analytically instead of numerically.
+- Var[theta] = E[theta]^2 expm1(D), D = K(2) - 2K(1) + K(0): E[theta^2] - E[theta]^2 would
+  cancel completely when scale^2 < eps. For scale < 0.1, D is the Peano-kernel integral
+  int_0^2 min(t, 2-t) Var[z | loc + t scale^2] dt by Gauss-Legendre, since the second
+  difference of K is then rounding noise; SNR = expm1(D)^(-1/2).
+- rsample is the inverse cdf: in the offset form Newton's method on log(Phi(-x-v)/Phi(-x)),
+  started right of the root (it is concave, so the iteration is monotone), and one final
+  Newton step with autograd on, whose gradient is the exact implicit-reparameterisation
+  gradient; inside the interval the closed form ndtri on the lower half, -ndtri on the upper.
+- Each regime is evaluated only on its own elements, so no unused branch produces inf/NaN
+  gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch.distributions import constraints
+from torch.distributions.kl import register_kl
+from torch.distributions.utils import broadcast_all, lazy_property
+
+from bmrs_pyro._special import (
+    LOG_SQRT_2PI,
+    SQRT_HALF,
+    log1mexp_safe,
+    log_diff_ndtr,
+    log_ndtr,
+    log_ndtr_ratio_offset,
+    log_ndtr_upper_scaled,
+    log_normal_pdf,
+    mills_gap_and_u,
+)
+
+__all__ = ["TruncatedNormal", "TruncatedLogNormal", "LogUniform"]
+
+_HALF_LOG_2PIE = 0.5 * math.log(2.0 * math.pi * math.e)
+_INSIDE = -1.0  # x < _INSIDE: loc is well inside the interval (beta' > 1, so Z >= 0.68)
+_SMALL_SCALE = 0.1  # below it Var[theta] uses the Peano-kernel integral (see module docstring)
+_NEWTON_STEPS = 8
+_GL_T, _GL_W = np.polynomial.legendre.leggauss(8)
+_GL_T = tuple(float(t) for t in (_GL_T + 1.0) / 2.0)
+_GL_W = tuple(float(w) for w in _GL_W / 2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and small utilities
+# --------------------------------------------------------------------------------------------
+
+
+def _first_bad(mask: torch.Tensor, *tensors: torch.Tensor) -> list[float]:
+    index = tuple(mask.nonzero()[0].tolist()) if mask.dim() else ()
+    return [float(t.detach()[index]) if t.dim() else float(t.detach()) for t in tensors]
+
+
+def _check_interval(low: torch.Tensor, high: torch.Tensor) -> None:
+    """Raise ValueError unless low < high everywhere (NaN counts as bad)."""
+    bad = ~(low < high)
+    if bool(bad.any()):
+        lo, hi = _first_bad(bad, low, high)
+        raise ValueError(
+            f"low ({lo}) must be < high ({hi}); low and high bound the support "
+            "(log theta for the log-scale distributions), pass them in increasing order"
+        )
+
+
+def _check_scale(scale: torch.Tensor) -> None:
+    """Raise ValueError unless scale > 0 everywhere (NaN counts as bad)."""
+    bad = ~(scale > 0)
+    if bool(bad.any()):
+        (value,) = _first_bad(bad, scale)
+        raise ValueError(
+            f"scale ({value}) must be > 0; parameterise it as exp(log_scale) or via "
+            "a softplus to keep it positive"
+        )
+
+
+def _piecewise(
+    mask: torch.Tensor,
+    fn_true: Callable[..., tuple[torch.Tensor, ...]],
+    fn_false: Callable[..., tuple[torch.Tensor, ...]],
+    args: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """Evaluate ``fn_true`` on the elements where ``mask`` holds and ``fn_false`` elsewhere.
+
+    Unlike ``torch.where`` on two full evaluations, a branch never sees the other branch's
+    inputs, so it cannot put inf or NaN into gradients (and half the work is saved).
+    """
+    shape = mask.shape
+    flat = [a.expand(shape).reshape(-1) for a in args]
+    m = mask.reshape(-1)
+    idx_t = m.nonzero().squeeze(-1)
+    idx_f = (~m).nonzero().squeeze(-1)
+    outs_t = fn_true(*[a[idx_t] for a in flat])
+    outs_f = fn_false(*[a[idx_f] for a in flat])
+    results = []
+    for ot, of in zip(outs_t, outs_f):
+        out = torch.zeros(m.shape, dtype=ot.dtype, device=ot.device)
+        out = out.index_put((idx_t,), ot).index_put((idx_f,), of)
+        results.append(out.reshape(shape))
+    return tuple(results)
+
+
+def _log_expm1(d: torch.Tensor) -> torch.Tensor:
+    """log(expm1(d)) for d > 0 without overflow."""
+    small = d < 30.0
+    ds = torch.where(small, d, 1.0)
+    dl = torch.where(small, 31.0, d)
+    return torch.where(small, torch.log(torch.expm1(ds)), dl + torch.log1p(-torch.exp(-dl)))
+
+
+# --------------------------------------------------------------------------------------------
+# Standardised truncated-normal mathematics, in float64
+# --------------------------------------------------------------------------------------------
+
+
+def _outside_stats(x, w, s, sgn, bound):
+    """Offset form (x >= -1): z = bound - sgn * s * v, v on [0, w] with density ~ e^{-xv-v^2/2}.
+
+    Returns mean, variance, entropy of z and log Z.
+    """
+    d = log_ndtr_ratio_offset(x, w)  # log(Phi(-x-w)/Phi(-x)) <= 0
+    ed = torch.exp(d)
+    em = -torch.expm1(d)
+    g0, u0 = mills_gap_and_u(x)
+    gw, uw = mills_gap_and_u(x + w)
+    m1 = (g0 - (w + gw) * ed) / em
+    var = (u0 - ed * (uw + 2.0 * w * gw + w * w)) / em - m1 * m1
+    var = torch.clamp(var, min=0.0)
+    lam = log_ndtr_upper_scaled(x)
+    log1m = log1mexp_safe(d)
+    entropy_std = lam + log1m + x * m1 + 0.5 * (var + m1 * m1) + LOG_SQRT_2PI
+    log_z = lam - 0.5 * x * x + log1m
+    return bound - sgn * s * m1, s * s * var, torch.log(s) + entropy_std, log_z
+
+
+def _inside_stats(a, b, s, sgn, loc):
+    """Textbook formulas, valid because b > 1 and a <= -b give Z >= 0.68 (no tiny ratios)."""
+    log_z = log_diff_ndtr(a, b)
+    ra = torch.exp(log_normal_pdf(a) - log_z)
+    rb = torch.exp(log_normal_pdf(b) - log_z)
+    m1 = ra - rb
+    ara = torch.where(ra > 0, a * ra, 0.0)  # a may be ~ -1e10 where ra underflows to 0
+    brb = b * rb
+    var = torch.clamp(1.0 + ara - brb - m1 * m1, min=0.0)
+    entropy_std = log_z + _HALF_LOG_2PIE + 0.5 * (ara - brb)
+    return loc + sgn * s * m1, s * s * var, torch.log(s) + entropy_std, log_z
+
+
+def _scaled_mass(y, w):
+    """M(y) = log int_0^w exp(-y v - v^2/2) dv - log sqrt(2 pi), for any real y."""
+    pos = y >= _INSIDE
+    yp = torch.where(pos, y, 0.0)
+    yn = torch.where(pos, -2.0, y)
+    m_pos = log_ndtr_upper_scaled(yp) + log1mexp_safe(log_ndtr_ratio_offset(yp, w))
+    m_neg = 0.5 * yn * yn + log_diff_ndtr(-yn - w, -yn)
+    return torch.where(pos, m_pos, m_neg)
+
+
+def _outside_mgf(x, w, s, sgn, bound):
+    """(K(1), K(2) - 2K(1)) with K(t) = log E[exp(t z)], offset form."""
+    c = sgn * s
+    m0 = _scaled_mass(x, w)
+    m1 = _scaled_mass(x + c, w)
+    m2 = _scaled_mass(x + 2.0 * c, w)
+    return bound + m1 - m0, (m2 - m1) - (m1 - m0)
+
+
+def _inside_mgf(alpha, beta, s, loc):
+    """(K(1), K(2) - 2K(1)) inside the interval, from h(u) = log Z(alpha - u, beta - u)."""
+    h0 = log_diff_ndtr(alpha, beta)
+    h1 = log_diff_ndtr(alpha - s, beta - s)
+    h2 = log_diff_ndtr(alpha - 2.0 * s, beta - 2.0 * s)
+    return loc + 0.5 * s * s + h1 - h0, s * s + (h2 - h1) - (h1 - h0)
+
+
+def _outside_icdf(x, w, s, sgn, bound, p, q):
+    """Inverse cdf in the offset form; p = cdf in the flipped frame, q = 1 - p exactly."""
+    d = log_ndtr_ratio_offset(x, w)
+    em = -torch.expm1(d)
+    lower = p < 0.5
+    p_s = torch.where(lower, p, 0.5)
+    q_s = torch.where(lower, 0.5, q)
+    # Target log(Phi(-x-v)/Phi(-x)) = log(e^d + p (1 - e^d)).
+    target = torch.where(
+        lower,
+        torch.logaddexp(d, torch.log(p_s) + log1mexp_safe(d)),
+        torch.log1p(-q_s * em),
+    )
+    with torch.no_grad():
+        xd, wd, td = x.detach(), w.detach(), target.detach()
+        disc = torch.sqrt(xd * xd - 2.0 * td)
+        # Root of the Gaussian part -v (x + v/2) = target: to the right of the true root.
+        v = torch.where(xd >= 0, -2.0 * td / torch.clamp(xd + disc, min=1e-300), disc - xd)
+        v = torch.minimum(torch.clamp(v, min=0.0), wd)
+        for _ in range(_NEWTON_STEPS):
+            hazard = xd + v + mills_gap_and_u(xd + v)[0]
+            v = v + (log_ndtr_ratio_offset(xd, v) - td) / hazard
+            v = torch.minimum(torch.clamp(v, min=0.0), wd)
+        hazard = xd + v + mills_gap_and_u(xd + v)[0]
+    # One Newton step with autograd on: its gradient is (dF/dparam - dtarget/dparam) / hazard,
+    # the implicit-function derivative of the root.
+    v = v + (log_ndtr_ratio_offset(x, v) - target) / hazard
+    v = torch.minimum(torch.clamp(v, min=0.0), w)
+    v = torch.where(q == 0, torch.zeros_like(v), torch.where(p == 0, w, v))
+    return (bound - sgn * s * v,)
+
+
+def _inside_icdf(a, b, s, sgn, loc, p, q):
+    """Closed-form inverse cdf inside the interval (Z >= 0.68)."""
+    z_mass = torch.exp(log_diff_ndtr(a, b))
+    low_cdf = torch.special.ndtr(a) + p * z_mass
+    up_sf = torch.special.ndtr(-b) + q * z_mass
+    lower = low_cdf <= 0.5
+    xs = torch.where(
+        lower,
+        torch.special.ndtri(torch.where(lower, torch.clamp(low_cdf, min=1e-300), 0.5)),
+        -torch.special.ndtri(torch.where(lower, 0.5, torch.clamp(up_sf, min=1e-300))),
+    )
+    xs = torch.minimum(torch.maximum(xs, a), b)
+    xs = torch.where(p == 0, a, torch.where(q == 0, b, xs))
+    return (loc + sgn * s * xs,)
+
+
+def _outside_cdf_logprob(x, w, s, sgn, bound, z):
+    """(cdf in the flipped frame's complement form pieces, log density) in the offset form.
+
+    Returns (P, Q, log_prob) with P = cdf of the flipped variable, Q = 1 - P.
+    """
+    v = torch.minimum(torch.clamp(sgn * (bound - z) / s, min=0.0), w)
+    d = log_ndtr_ratio_offset(x, w)
+    em = -torch.expm1(d)
+    f = log_ndtr_ratio_offset(x, v)
+    # P = (e^f - e^d) / (1 - e^d), Q = (1 - e^f) / (1 - e^d).
+    p = torch.exp(f) * -torch.expm1(torch.clamp(d - f, max=0.0)) / em
+    q = -torch.expm1(f) / em
+    # log phi(-x-v) - log Z written so the two ~x^2/2 terms cancel analytically.
+    lp = -v * (x + 0.5 * v) - log_ndtr_upper_scaled(x) - log1mexp_safe(d) - LOG_SQRT_2PI
+    return p, q, lp - torch.log(s)
+
+
+def _inside_cdf_logprob(a, b, s, sgn, loc, z):
+    """(P, Q, log_prob) inside the interval; P, Q refer to the flipped variable."""
+    xs = torch.minimum(torch.maximum(sgn * (z - loc) / s, a), b)
+    log_z = log_diff_ndtr(a, b)
+    # Nudge the degenerate endpoints so log_diff_ndtr never sees an empty interval.
+    p = torch.where(xs > a, torch.exp(log_diff_ndtr(a, torch.maximum(xs, a + 1e-300)) - log_z), 0.0)
+    q = torch.where(xs < b, torch.exp(log_diff_ndtr(torch.minimum(xs, b - 1e-300), b) - log_z), 0.0)
+    lp = log_normal_pdf(xs) - log_z - torch.log(s)
+    return p, q, lp
+
+
+class _Core:
+    """Float64 geometry of a truncated normal plus its lazily computed statistics."""
+
+    def __init__(self, loc, scale, low, high):
+        self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
+        loc, s, low, high = self.loc, self.scale, self.low, self.high
+        alpha = (low - loc) / s
+        beta = (high - loc) / s
+        self.alpha, self.beta = alpha, beta
+        # Flip so the mass sits in the lower tail of the standardised variable (if at all).
+        self.flip = (low + high - 2.0 * loc) > 0
+        self.sgn = torch.where(self.flip, -1.0, 1.0).to(loc)
+        self.a = torch.where(self.flip, -beta, alpha)
+        self.b = torch.where(self.flip, -alpha, beta)
+        self.bound = torch.where(self.flip, low, high)
+        self.x = -self.b
+        self.w = (high - low) / s
+        self.outside = self.x >= _INSIDE
+
+    def _split(self, fn_out, fn_in, extra_out=(), extra_in=(), shape=None):
+        mask = self.outside if shape is None else self.outside.expand(shape)
+        args = (self.x, self.w, self.scale, self.sgn, self.bound, self.a, self.b, self.loc)
+        args = args + tuple(extra_out) + tuple(extra_in)
+        n_out, n_in = len(extra_out), len(extra_in)
+
+        def f_out(x, w, s, sgn, bound, a, b, loc, *extra):
+            return fn_out(x, w, s, sgn, bound, *extra[:n_out])
+
+        def f_in(x, w, s, sgn, bound, a, b, loc, *extra):
+            return fn_in(a, b, s, sgn, loc, *extra[n_out : n_out + n_in])
+
+        if shape is not None:
+            args = tuple(t.expand(shape) for t in args)
+        return _piecewise(mask, f_out, f_in, args)
+
+    @lazy_property
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, variance, entropy, log Z) of z."""
+        return self._split(_outside_stats, _inside_stats)
+
+    @lazy_property
+    def mgf(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K(1), D) with K(t) = log E[e^{tz}] and D = K(2) - 2K(1) + K(0)."""
+        mask = self.outside
+        alpha_in = torch.where(mask, -3.0, self.alpha)
+        beta_in = torch.where(mask, 3.0, self.beta)
+        args = (self.x, self.w, self.scale, self.sgn, self.bound, alpha_in, beta_in, self.loc)
+
+        def f_out(x, w, s, sgn, bound, al, be, loc):
+            return _outside_mgf(x, w, s, sgn, bound)
+
+        def f_in(x, w, s, sgn, bound, al, be, loc):
+            return _inside_mgf(al, be, s, loc)
+
+        k1, d_direct = _piecewise(mask, f_out, f_in, args)
+        small = self.scale < _SMALL_SCALE
+        if bool(small.any()):
+            d_small = self._peano_d(small)
+            d_direct = torch.where(small, d_small, d_direct)
+        return k1, torch.clamp(d_direct, min=0.0)
+
+    def _peano_d(self, small: torch.Tensor) -> torch.Tensor:
+        """D = int_0^2 min(t, 2-t) Var[z; loc + t scale^2] dt on the elements in ``small``."""
+        shape = small.shape
+        m = small.reshape(-1)
+        idx = m.nonzero().squeeze(-1)
+        loc, s, lo, hi = (t.expand(shape).reshape(-1)[idx] for t in (self.loc, self.scale, self.low, self.high))
+        total = torch.zeros_like(loc)
+        for node, weight in zip(_GL_T, _GL_W):
+            for t, kernel in ((node, node), (1.0 + node, 1.0 - node)):
+                var = _Core(loc + t * s * s, s, lo, hi).stats[1]
+                total = total + weight * kernel * var
+        out = torch.zeros(m.shape, dtype=loc.dtype)
+        return out.index_put((idx,), total).reshape(shape)
+
+    def flipped_probs(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cdf value p in the original frame -> (p', 1 - p') in the flipped frame, both exact."""
+        one_minus = 1.0 - p
+        return torch.where(self.flip, one_minus, p), torch.where(self.flip, p, one_minus)
+
+    def icdf(self, p: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(p.shape, self.loc.shape)
+        pf, qf = self.flipped_probs(p)
+        (z,) = self._split(_outside_icdf, _inside_icdf, (pf, qf), (pf, qf), shape=shape)
+        return torch.minimum(torch.maximum(z, self.low), self.high)
+
+    def cdf_logprob(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = torch.broadcast_shapes(z.shape, self.loc.shape)
+        zc = torch.minimum(torch.maximum(z, self.low), self.high)
+        p, q, lp = self._split(_outside_cdf_logprob, _inside_cdf_logprob, (zc,), (zc,), shape=shape)
+        cdf = torch.where(self.flip, q, p)
+        cdf = torch.where(z < self.low, 0.0, torch.where(z > self.high, 1.0, cdf))
+        lp = torch.where((z < self.low) | (z > self.high), -math.inf, lp)
+        return cdf, lp
+
+
+# --------------------------------------------------------------------------------------------
+# Public distributions
+# --------------------------------------------------------------------------------------------
+
+
+class TruncatedNormal(TorchDistribution):
+    """Normal(loc, scale^2) restricted to [low, high], exact in every tail.
+
+    ``low``/``high`` may be floats or tensors; all parameters broadcast to the batch shape.
+    Computation is in float64 and results are returned in the parameters' dtype. ``rsample`` is
+    reparameterised (gradients reach loc and scale, exact implicit-reparameterisation values).
+    Raises ``ValueError`` if low >= high or scale <= 0, whatever the validation setting.
+    """
+
+    arg_constraints = {
+        "loc": constraints.real,
+        "scale": constraints.positive,
+        "low": constraints.real,
+        "high": constraints.real,
+    }
+    has_rsample = True
+
+    def __init__(self, loc, scale, low=-20.0, high=0.0, validate_args=None):
+        self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
+        _check_interval(self.low, self.high)
+        _check_scale(self.scale)
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TruncatedNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        for name in ("loc", "scale", "low", "high"):
+            setattr(new, name, getattr(self, name).expand(batch_shape))
+        super(TruncatedNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(self.low, self.high)
+
+    @lazy_property
+    def _core(self) -> _Core:
+        return _Core(self.loc.double(), self.scale.double(), self.low.double(), self.high.double())
+
+    def _out(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self.loc.dtype)
+
+    @property
+    def log_normalizer(self) -> torch.Tensor:
+        """log Z = log(Phi(beta) - Phi(alpha))."""
+        return self._out(self._core.stats[3])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._out(self._core.stats[0])
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self._out(self._core.stats[1])
+
+    def entropy(self) -> torch.Tensor:
+        return self._out(self._core.stats[2])
+
+    def _uniform(self, sample_shape) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=torch.float64, device=self.loc.device)
+        # Keep u off 0 so log(u) stays finite; 1 is never produced by torch.rand.
+        return torch.clamp(u, min=2.0**-60)
+
+    def _rsample64(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self._core.icdf(self._uniform(sample_shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self._out(self._rsample64(sample_shape))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def _log_prob64(self, value64: torch.Tensor) -> torch.Tensor:
+        return self._core.cdf_logprob(value64)[1]
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        return self._out(self._log_prob64(value.double()))
+
+    def cdf(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        return self._out(self._core.cdf_logprob(value.double())[0])
+
+    def icdf(self, value):
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        return self._out(self._core.icdf(value.double()))
+
+
+def _exp_bound(bound: torch.Tensor) -> torch.Tensor:
+    """e^bound computed in float64 then rounded, exactly as samples are, so they stay inside."""
+    return torch.exp(bound.double()).to(bound.dtype)
+
+
+class TruncatedLogNormal(TorchDistribution):
+    """theta = exp(z), z ~ TruncatedNormal(loc, scale, low, high); support [e^low, e^high].
+
+    ``low``/``high`` bound log theta. Besides the usual methods it offers ``signal_to_noise``
+    (E[theta]/SD[theta]), ``log_theta`` (the truncated normal of z) and ``log_normalizer``.
+    """
+
+    arg_constraints = TruncatedNormal.arg_constraints
+    has_rsample = True
+
+    def __init__(self, loc, scale, low=-20.0, high=0.0, validate_args=None):
+        self._tn = TruncatedNormal(loc, scale, low, high, validate_args=validate_args)
+        super().__init__(self._tn.batch_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(TruncatedLogNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new._tn = self._tn.expand(batch_shape)
+        super(TruncatedLogNormal, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    loc = property(lambda self: self._tn.loc, doc="Location of log theta before truncation.")
+    scale = property(lambda self: self._tn.scale, doc="Scale of log theta before truncation.")
+    low = property(lambda self: self._tn.low, doc="Lower bound of log theta.")
+    high = property(lambda self: self._tn.high, doc="Upper bound of log theta.")
+
+    @property
+    def log_theta(self) -> TruncatedNormal:
+        """The distribution of z = log theta."""
+        return self._tn
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(_exp_bound(self.low), _exp_bound(self.high))
+
+    @property
+    def log_normalizer(self) -> torch.Tensor:
+        """log Z = log(Phi(beta) - Phi(alpha)) of the underlying truncated normal."""
+        return self._tn.log_normalizer
+
+    @lazy_property
+    def _mgf(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._tn._core.mgf
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._tn._out(torch.exp(self._mgf[0]))
+
+    @property
+    def variance(self) -> torch.Tensor:
+        k1, d = self._mgf
+        return self._tn._out(torch.exp(2.0 * k1 + _log_expm1(torch.clamp(d, min=1e-300))))
+
+    @property
+    def signal_to_noise(self) -> torch.Tensor:
+        """E[theta] / SD[theta] = expm1(D)^(-1/2), D = log E[theta^2] - 2 log E[theta]."""
+        d = self._mgf[1]
+        return self._tn._out(torch.exp(-0.5 * _log_expm1(torch.clamp(d, min=1e-300))))
+
+    def entropy(self) -> torch.Tensor:
+        mean_z, _, entropy_z, _ = self._tn._core.stats
+        return self._tn._out(entropy_z + mean_z)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self._tn._out(torch.exp(self._tn._rsample64(sample_shape)))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def _log_theta64(self, value) -> torch.Tensor:
+        """log theta in float64, snapping values within rounding of a bound onto it."""
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        z = torch.log(value.double())
+        tol = 4.0 * torch.finfo(value.dtype).eps
+        low, high = self.low.double(), self.high.double()
+        z = torch.where((z < low) & (z >= low - tol * torch.clamp(low.abs(), min=1.0)), low, z)
+        z = torch.where((z > high) & (z <= high + tol * torch.clamp(high.abs(), min=1.0)), high, z)
+        return z
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        z = self._log_theta64(value)
+        return self._tn._out(self._tn._log_prob64(z) - z)
+
+    def cdf(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        z = self._log_theta64(value)
+        return self._tn._out(self._tn._core.cdf_logprob(z)[0])
+
+    def icdf(self, value):
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        return self._tn._out(torch.exp(self._tn._core.icdf(value.double())))
+
+
+class LogUniform(TorchDistribution):
+    """theta = exp(u), u ~ Uniform(low, high): the scale-invariant prior on [e^low, e^high]."""
+
+    arg_constraints = {"low": constraints.real, "high": constraints.real}
+    has_rsample = True
+
+    def __init__(self, low=-20.0, high=0.0, validate_args=None):
+        self.low, self.high = broadcast_all(low, high)
+        _check_interval(self.low, self.high)
+        super().__init__(self.low.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(LogUniform, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.low = self.low.expand(batch_shape)
+        new.high = self.high.expand(batch_shape)
+        super(LogUniform, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self):
+        return constraints.interval(_exp_bound(self.low), _exp_bound(self.high))
+
+    def _out(self, value: torch.Tensor) -> torch.Tensor:
+        return value.to(self.low.dtype)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        lo, hi = self.low.double(), self.high.double()
+        w = hi - lo
+        return self._out(torch.exp(lo) * torch.expm1(w) / w)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        # Var = e^{2 mid} (2 sinh(h)/w) (cosh h - sinh(h)/h), h = w/2; the last factor is the
+        # cancellation-free series sum_k h^{2k} 2k/(2k+1)! for small h.
+        lo, hi = self.low.double(), self.high.double()
+        h = 0.5 * (hi - lo)
+        mid = 0.5 * (hi + lo)
+        hs = torch.clamp(h, max=1.0)
+        series = torch.zeros_like(hs)
+        term = torch.ones_like(hs)
+        for k in range(1, 12):
+            term = term * hs * hs / ((2 * k) * (2 * k + 1))
+            series = series + term * (2 * k)
+        hl = torch.clamp(h, min=1.0)
+        direct = torch.cosh(hl) - torch.sinh(hl) / hl
+        second = torch.where(h < 1.0, series, direct)
+        log_var = 2.0 * mid + torch.log(torch.sinh(h) / h) + torch.log(second)
+        return self._out(torch.exp(log_var))
+
+    def entropy(self) -> torch.Tensor:
+        lo, hi = self.low.double(), self.high.double()
+        return self._out(torch.log(hi - lo) + 0.5 * (lo + hi))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        u = torch.rand(shape, dtype=torch.float64, device=self.low.device)
+        lo, hi = self.low.double(), self.high.double()
+        return self._out(torch.exp(torch.minimum(lo + u * (hi - lo), hi)))
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
+        z = torch.log(value.double())
+        lo, hi = self.low.double(), self.high.double()
+        tol = 4.0 * torch.finfo(value.dtype).eps * torch.clamp(torch.maximum(lo.abs(), hi.abs()), min=1.0)
+        inside = (z >= lo - tol) & (z <= hi + tol)
+        lp = torch.where(inside, -torch.log(hi - lo) - z, -math.inf)
+        return self._out(lp)
+
+    def cdf(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
+        lo, hi = self.low.double(), self.high.double()
+        return self._out(torch.clamp((torch.log(value.double()) - lo) / (hi - lo), 0.0, 1.0))
+
+    def icdf(self, value):
+        value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
+        lo, hi = self.low.double(), self.high.double()
+        return self._out(torch.exp(lo + value.double() * (hi - lo)))
+
+
+# --------------------------------------------------------------------------------------------
+# KL divergences
+# --------------------------------------------------------------------------------------------
+
+
+def _kl_tn_uniform_bounds(q: TruncatedNormal, p_low: torch.Tensor, p_high: torch.Tensor) -> torch.Tensor:
+    """KL(q || Uniform(p_low, p_high)) on z = log(p_high - p_low) - H(q); +inf unless q's
+    support [q.low, q.high] lies inside [p_low, p_high] (q then has mass where p has none)."""
+    entropy = q._core.stats[2]
+    p_low, p_high = p_low.double(), p_high.double()
+    kl = torch.log(p_high - p_low) - entropy
+    inside = (q.low.double() >= p_low) & (q.high.double() <= p_high)
+    return q._out(torch.where(inside, kl, math.inf))
+
+
+@register_kl(TruncatedNormal, torch.distributions.Uniform)
+def _kl_truncated_normal_uniform(q: TruncatedNormal, p: torch.distributions.Uniform) -> torch.Tensor:
+    return _kl_tn_uniform_bounds(q, p.low, p.high)
+
+
+@register_kl(TruncatedLogNormal, LogUniform)
+def _kl_truncated_log_normal_log_uniform(q: TruncatedLogNormal, p: LogUniform) -> torch.Tensor:
+    # KL is invariant under the bijection z -> e^z, so the z-space value is the answer.
+    return _kl_tn_uniform_bounds(q._tn, p.low, p.high)
