@@ -11,6 +11,7 @@ tiny cdfs exact without forming either of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,18 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 def log_ndtr(x: torch.Tensor) -> torch.Tensor:
     """log Phi(x), accurate in both tails."""
     return torch.special.log_ndtr(x)
+
+
+def ndtr(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x) with full relative accuracy in the lower tail.
+
+    ``torch.special.ndtr`` forms (1 + erf(x/sqrt2))/2, which loses relative accuracy for x < 0
+    and returns 0 already at x = -8.9 (true value 2.8e-19); erfc keeps the lower tail exact.
+    """
+    x = torch.as_tensor(x)
+    neg = x < 0
+    tail = 0.5 * torch.special.erfc(-torch.where(neg, x, -x) * SQRT_HALF)
+    return torch.where(neg, tail, 1.0 - tail)
 
 
 def log_normal_pdf(x: torch.Tensor) -> torch.Tensor:
@@ -70,20 +83,22 @@ def log_diff_ndtr(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     a = torch.where(flip, -hi, lo)
     b = torch.where(flip, -lo, hi)
     same_side = b <= 0
-    # Same-sign branch (b <= 0): x = -b >= 0, offset w = b - a >= 0.
-    b_neg = torch.where(same_side, b, -1.0)
-    w = torch.where(same_side, b - a, 1.0)
-    same = log_ndtr(b_neg) + log1mexp_safe(log_ndtr_ratio_offset(-b_neg, w))
-    # Straddling branch (a < 0 < b).
-    a_s = torch.where(same_side, -1.0, a)
-    b_s = torch.where(same_side, 1.0, b)
-    tails = torch.special.ndtr(a_s) + torch.special.ndtr(-b_s)
+    return where_apply(same_side, _log_diff_same_side, _log_diff_straddle, a, b)
+
+
+def _log_diff_same_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a <= b <= 0: log Phi(b) + log(1 - Phi(a)/Phi(b)), the ratio in offset form.
+    return log_ndtr(b) + log1mexp_safe(log_ndtr_ratio_offset(-b, b - a))
+
+
+def _log_diff_straddle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a < 0 < b.
+    tails = ndtr(a) + ndtr(-b)
     wide = tails < 0.5
     tails_w = torch.where(wide, tails, 0.25)
-    erf_sum = torch.special.erf(b_s * SQRT_HALF) + torch.special.erf(-a_s * SQRT_HALF)
+    erf_sum = torch.special.erf(b * SQRT_HALF) + torch.special.erf(-a * SQRT_HALF)
     erf_sum = torch.where(wide, 1.0, erf_sum)
-    straddle = torch.where(wide, torch.log1p(-tails_w), torch.log(0.5 * erf_sum))
-    return torch.where(same_side, same, straddle)
+    return torch.where(wide, torch.log1p(-tails_w), torch.log(0.5 * erf_sum))
 
 
 def mills_ratio(x: torch.Tensor) -> torch.Tensor:
@@ -107,15 +122,105 @@ def mills_ratio(x: torch.Tensor) -> torch.Tensor:
 # y - sqrt(2/pi)/erfcx(y/sqrt2) and loses every digit at large y).
 # --------------------------------------------------------------------------------------------
 
-_CF_SWITCH = 4.0
-_CF_DEPTH = 40  # relative error < 1e-16 for y >= 4 (checked against mpmath in the tests)
+_CF_SWITCH = 6.0
+# (smallest argument, depth): relative truncation error < 2e-16 (checked against mpmath).
+_CF_DEPTHS = ((30.0, 8), (15.0, 12), (10.0, 16), (_CF_SWITCH, 24))
 _NEG_SWITCH = -5.0  # below this erfcx(-y/sqrt2) approaches overflow; use the log form
 
-# 8-point Gauss-Legendre rule on [0, 1] (nodes, weights), for smooth averages over short ranges.
-_GL8_NODES, _GL8_WEIGHTS = (
-    tuple(float(v) for v in arr)
-    for arr in ((lambda n, w: ((n + 1.0) / 2.0, w / 2.0))(*np.polynomial.legendre.leggauss(8)))
-)
+# Gauss-Legendre rules on [0, 1] for the mean of g over [x, x + v] in the short form of
+# log_ndtr_ratio_offset. There v (x + v/2) <= 1, so for larger x the interval is shorter
+# relative to g's scale of variation and fewer points reach 1e-16 (checked against mpmath):
+# (smallest x, number of points).
+_GL_RULES = ((30.0, 3), (6.0, 4), (-math.inf, 8))
+_GL = {
+    n: (tuple(float(t) for t in (nodes + 1.0) / 2.0), tuple(float(w) for w in weights / 2.0))
+    for n, (nodes, weights) in ((n, np.polynomial.legendre.leggauss(n)) for _, n in _GL_RULES)
+}
+
+
+def masked_apply(
+    mask: torch.Tensor,
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    *args: torch.Tensor,
+    fill: float = 0.0,
+    n_out: int = 1,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Evaluate ``fn`` only on the elements where ``mask`` holds; ``fill`` elsewhere.
+
+    ``args`` must broadcast to ``mask.shape``; ``fn`` returns one tensor, or ``n_out`` of them.
+    Compared with evaluating every branch everywhere and selecting with ``torch.where``, a
+    branch never sees inputs outside its domain (so it cannot put inf/NaN into gradients), no
+    work is spent on discarded values, and an empty branch costs nothing.
+    """
+    shape = mask.shape
+    idx = mask.reshape(-1).nonzero().squeeze(-1)
+    ref = torch.as_tensor(args[0])
+    if idx.numel() == 0:
+        outs = [torch.full(shape, fill, dtype=ref.dtype, device=ref.device) for _ in range(n_out)]
+        return outs[0] if n_out == 1 else tuple(outs)
+    if idx.numel() == mask.numel():  # every element: no gather/scatter needed
+        outs = fn(*(torch.as_tensor(a).expand(shape) for a in args))
+        if isinstance(outs, torch.Tensor):
+            return outs
+        return tuple(outs)
+    sub = [torch.as_tensor(a).expand(shape).reshape(-1)[idx] for a in args]
+    outs = fn(*sub)
+    single = isinstance(outs, torch.Tensor)
+    if single != (n_out == 1) or (not single and len(outs) != n_out):
+        raise TypeError(f"masked_apply: {fn.__name__} must return {n_out} tensor(s)")
+    results = []
+    for out in (outs,) if single else outs:
+        full = torch.full((mask.numel(),), fill, dtype=out.dtype, device=out.device)
+        results.append(full.index_put((idx,), out).reshape(shape))
+    return results[0] if single else tuple(results)
+
+
+def where_apply(
+    mask: torch.Tensor,
+    fn_true: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    fn_false: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    *args: torch.Tensor,
+    n_out: int = 1,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``fn_true`` where ``mask`` holds and ``fn_false`` elsewhere, each on its own elements.
+
+    When one branch covers every element it is called directly (no gather, scatter or select).
+    """
+    args = torch.broadcast_tensors(*(torch.as_tensor(a) for a in args))
+    mask = mask.expand(args[0].shape)
+    if bool(mask.all()):
+        return fn_true(*args)
+    if not bool(mask.any()):
+        return fn_false(*args)
+    outs_t = masked_apply(mask, fn_true, *args, n_out=n_out, fill=0.5)
+    outs_f = masked_apply(~mask, fn_false, *args, n_out=n_out, fill=0.5)
+    if n_out == 1:
+        return torch.where(mask, outs_t, outs_f)
+    return tuple(torch.where(mask, t, f) for t, f in zip(outs_t, outs_f))
+
+
+def _gap_cf(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The continued fraction converges faster for larger y: pick the depth from the smallest
+    # argument (depths checked against mpmath in the tests).
+    y_min = float(y.detach().min()) if y.numel() else _CF_SWITCH
+    depth = next(n for bound, n in _CF_DEPTHS if y_min >= bound)
+    t = torch.zeros_like(y)
+    for k in range(depth, 1, -1):
+        t = torch.reciprocal(y + t) * float(k)
+    g = torch.reciprocal(y + t)
+    return g, t * g
+
+
+def _gap_moderate(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # r = phi(y)/Phi(-y) = sqrt(2/pi) / erfcx(y/sqrt2); mild cancellation in r - y for y < 6.
+    g = SQRT_2_OVER_PI / torch.special.erfcx(y * SQRT_HALF) - y
+    return g, 1.0 - y * g
+
+
+def _gap_negative(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # erfcx(-y/sqrt2) would overflow; Phi(-y) ~ 1 so the log form is exact.
+    g = torch.exp(log_normal_pdf(y) - log_ndtr(-y)) - y
+    return g, 1.0 - y * g
 
 
 def mills_gap_and_u(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,25 +230,12 @@ def mills_gap_and_u(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cancellation (continued fraction); elsewhere directly through erfcx or log_ndtr.
     """
     y = torch.as_tensor(y)
-    # Continued-fraction branch on y >= 4 (inputs clamped so the unused branch stays finite and
-    # its gradient is zero rather than NaN).
-    yc = torch.clamp(y, min=_CF_SWITCH)
-    t = torch.zeros_like(yc)
-    for k in range(_CF_DEPTH, 1, -1):
-        t = k / (yc + t)
-    g_cf = 1.0 / (yc + t)
-    u_cf = t * g_cf
-    # Moderate branch: r = phi(y)/Phi(-y) = sqrt(2/pi) / erfcx(y/sqrt2).
-    ym = torch.clamp(y, min=_NEG_SWITCH, max=_CF_SWITCH)
-    r_m = SQRT_2_OVER_PI / torch.special.erfcx(ym * SQRT_HALF)
-    # Very negative branch: r = exp(log phi(y) - log Phi(-y)), with Phi(-y) ~ 1.
-    yn = torch.clamp(y, max=_NEG_SWITCH)
-    r_n = torch.exp(log_normal_pdf(yn) - log_ndtr(-yn))
-    r = torch.where(y < _NEG_SWITCH, r_n, r_m)
-    g_d = r - torch.where(y < _NEG_SWITCH, yn, ym)
-    u_d = 1.0 - torch.where(y < _NEG_SWITCH, yn, ym) * g_d
     big = y >= _CF_SWITCH
-    return torch.where(big, g_cf, g_d), torch.where(big, u_cf, u_d)
+
+    def rest(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return where_apply(y < _NEG_SWITCH, _gap_negative, _gap_moderate, y, n_out=2)
+
+    return where_apply(big, _gap_cf, rest, y, n_out=2)
 
 
 def mills_gap(y: torch.Tensor) -> torch.Tensor:
@@ -151,39 +243,51 @@ def mills_gap(y: torch.Tensor) -> torch.Tensor:
     return mills_gap_and_u(y)[0]
 
 
+def _lambda_big(y: torch.Tensor) -> torch.Tensor:
+    return -torch.log(y) - torch.log1p(_gap_cf(y)[0] / y) - LOG_SQRT_2PI
+
+
+def _lambda_small(y: torch.Tensor) -> torch.Tensor:
+    return log_ndtr(-y) + 0.5 * y * y
+
+
 def log_ndtr_upper_scaled(y: torch.Tensor) -> torch.Tensor:
     """Lambda(y) = log Phi(-y) + y^2/2, accurate for all real y (O(log y) for large y).
 
-    For y >= 4 it is -log(y + g(y)) - log sqrt(2 pi), whose gradient -(1 + g')/(y + g) = -g(y)
+    For y >= 6 it is -log(y + g(y)) - log sqrt(2 pi), whose gradient -(1 + g')/(y + g) = -g(y)
     autograd evaluates without cancellation.
     """
     y = torch.as_tensor(y)
-    yc = torch.clamp(y, min=_CF_SWITCH)
-    g = mills_gap(yc)
-    big_branch = -torch.log(yc) - torch.log1p(g / yc) - LOG_SQRT_2PI
-    ys = torch.clamp(y, max=_CF_SWITCH)
-    small_branch = log_ndtr(-ys) + 0.5 * ys * ys
-    return torch.where(y >= _CF_SWITCH, big_branch, small_branch)
+    big = y >= _CF_SWITCH
+    return where_apply(big, _lambda_big, _lambda_small, y)
+
+
+def _offset_short(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    x_min = float(x.detach().min()) if x.numel() else 0.0
+    n = next(n for bound, n in _GL_RULES if x_min >= bound)
+    nodes = torch.tensor(_GL[n][0], dtype=v.dtype, device=v.device).reshape((-1,) + (1,) * v.dim())
+    weights = torch.tensor(_GL[n][1], dtype=v.dtype, device=v.device)
+    gaps = mills_gap(x + nodes * v)  # all nodes in one call: (n, *shape)
+    gbar = torch.tensordot(weights, gaps, dims=1)
+    return -v * (x + 0.5 * v + gbar)
+
+
+def _offset_long(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return log_ndtr_upper_scaled(x + v) - log_ndtr_upper_scaled(x) - v * (x + 0.5 * v)
 
 
 def log_ndtr_ratio_offset(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """F(v; x) = log(Phi(-x - v) / Phi(-x)) for v >= 0 and x >= -1 (valid, less sharp, below).
 
-    This is the log survival of the normal tail beyond x, at offset v. For v <= 1 it is written
-    as the product -v (x + v/2 + mean of g over [x, x+v]) (the mean by 8-point Gauss-Legendre),
-    so that it keeps full relative accuracy even when v is tiny and x ~ 1e10; for v > 1 it is
-    Lambda(x+v) - Lambda(x) - v (x + v/2), whose magnitude is then large enough that absolute
-    rounding of the Lambda terms does not matter.
+    This is the log survival of the normal tail beyond x, at offset v. When |F| is below ~1
+    it is written as the product -v (x + v/2 + mean of g over [x, x+v]) (the mean by 8-point
+    Gauss-Legendre), so it keeps full relative accuracy even when v is tiny and x ~ 1e10;
+    otherwise as Lambda(x+v) - Lambda(x) - v (x + v/2), whose absolute rounding (~eps log x)
+    is then negligible against |F|.
     """
     x, v = torch.broadcast_tensors(torch.as_tensor(x), torch.as_tensor(v))
-    vs = torch.clamp(v, max=1.0)
-    gbar = torch.zeros_like(vs)
-    for node, weight in zip(_GL8_NODES, _GL8_WEIGHTS):
-        gbar = gbar + weight * mills_gap(x + node * vs)
-    short = -vs * (x + 0.5 * vs + gbar)
-    vl = torch.clamp(v, min=1.0)
-    long = log_ndtr_upper_scaled(x + vl) - log_ndtr_upper_scaled(x) - vl * (x + 0.5 * vl)
-    return torch.where(v <= 1.0, short, long)
+    short = (v <= 1.0) & (v * (x + 0.5 * v) <= 1.0)
+    return where_apply(short, _offset_short, _offset_long, x, v)
 
 
 def log1mexp_safe(x: torch.Tensor) -> torch.Tensor:
