@@ -317,3 +317,66 @@ def test_build_from_data_shapes():
         build("lenet5", (40,), 10)
     with pytest.raises(ValueError, match="in_channels"):
         build("resnet", (3, 8, 8), 10, in_channels=1)
+
+
+def _randomise_batchnorm(model, g):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.normal_(generator=g)
+            m.bias.data.normal_(generator=g)
+
+
+def _expected_compact_params(name, kept):
+    """Parameter count of the compacted network, by hand from the kept structures per site."""
+    if name == "mlp":  # 64 -> k1 -> k2 -> 5, weights and biases
+        k1, k2 = kept
+        return 64 * k1 + k1 + k1 * k2 + k2 + k2 * NUM_CLASSES + NUM_CLASSES
+    if name == "lenet5":  # 8x8 input, padding 2: the second pool leaves 2x2 maps
+        k1, k2, k3, k4 = kept
+        return (k1 * (25 * 1 + 1) + k2 * (25 * k1 + 1) + k3 * (k2 * 4 + 1) + k4 * (k3 + 1)
+                + NUM_CLASSES * (k4 + 1))
+    # resnet depth 8, width 4: stem 3->4, blocks 4->k->4, 4->k->8 (+1x1 shortcut), 8->k->16 (+1x1),
+    # convs without bias, BatchNorm weight and bias per channel, fc 16 -> classes.
+    total = 3 * 4 * 9 + 2 * 4
+    for (c_in, c_out), k in zip([(4, 4), (4, 8), (8, 16)], kept):
+        total += c_in * k * 9 + 2 * k + k * c_out * 9 + 2 * c_out
+        if c_in != c_out:
+            total += c_in * c_out + 2 * c_out
+    return total + 16 * NUM_CLASSES + NUM_CLASSES
+
+
+@pytest.mark.parametrize(
+    "name, builder, shape",
+    [
+        ("mlp", lambda: mlp(64, NUM_CLASSES, hidden=(12, 7)), (1, 8, 8)),
+        ("lenet5", lambda: lenet5(1, NUM_CLASSES, 8), (1, 8, 8)),
+        ("resnet", lambda: resnet(8, NUM_CLASSES, 3, width=4), (3, 8, 8)),
+    ],
+    ids=["mlp", "lenet5", "resnet"],
+)
+def test_compact_matches_the_masked_model(name, builder, shape):
+    from bmrs_pyro.compaction import compact
+
+    g = torch.Generator().manual_seed(3)
+    model = builder()
+    _randomise_batchnorm(model, g)
+    model.eval()
+    kept = []
+    for layer in noise_modules(model).values():
+        layer.set_posterior_mean(0.5 + torch.rand(layer.num_structures, generator=g))
+        mask = (torch.rand(layer.num_structures, generator=g) < 0.5).float()
+        mask[0] = 1.0  # keep one structure per site: a fully pruned layer is a separate case
+        layer.mask.copy_(mask)
+        kept.append(int(mask.sum()))
+    assert sum(kept) < sum(m.num_structures for m in noise_modules(model).values())
+    x = torch.randn(6, *shape, generator=g)
+    with torch.no_grad(), noise_mode(model, "mean"):
+        masked = model.logits(x)
+    small = compact(model, example_input=x)
+    with torch.no_grad():
+        out = small(x)
+    torch.testing.assert_close(out, masked, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, MultiplicativeNoise) for m in small.modules())
+    assert sum(p.numel() for p in small.parameters()) == _expected_compact_params(name, kept)
