@@ -490,22 +490,14 @@ class _GraphCompactor:
         self.notes: list[str] = []
 
     def run(self, net: nn.Module, example_input: torch.Tensor) -> nn.Module:
-        body = copy.deepcopy(net)
-        scales: dict[Scale, str] = {}
-        originals = dict(net.named_modules())
-        for name, module in list(body.named_modules()):
+        body, scales = _dense_copy(net, self.means)
+        for name, module in net.named_modules():
             if isinstance(module, MultiplicativeNoise):
-                # deepcopy made new layers; the original at the same path holds the mean.
-                original = originals[name]
-                site, value = self.means[id(original)]
-                scale = Scale(value, module.channel_dim)
-                _set_submodule(body, name, scale)
-                scales[scale] = site
+                site = self.means[id(module)][0]
                 self.layers[site] = {
                     "structures": module.num_structures, "kept": int(module.mask.sum()),
                     "width": module.num_structures, "folded": False,
                 }
-        body.eval()
         _check_no_sample_sites(body, example_input)
         if not scales:
             return body
@@ -613,6 +605,22 @@ class _GraphCompactor:
             name = next(n for n, m in body.named_modules() if m is scale)
             _set_submodule(body, name, nn.Identity())
             self.layers[site]["folded"] = True
+
+
+def _dense_copy(net: nn.Module, means: dict) -> tuple[nn.Module, dict]:
+    """A copy of ``net`` in eval mode with every noise layer replaced by ``Scale(E[theta] * mask)``:
+    the masked network's mean-mode function without Pyro. Returns it and ``{Scale: site}``."""
+    body = copy.deepcopy(net)
+    originals = dict(net.named_modules())
+    scales: dict[Scale, str] = {}
+    for name, module in list(body.named_modules()):
+        if isinstance(module, MultiplicativeNoise):
+            # deepcopy made new layers; the original at the same path is the key of its mean.
+            site, value = means[id(originals[name])]
+            scale = Scale(value, module.channel_dim)
+            _set_submodule(body, name, scale)
+            scales[scale] = site
+    return body.eval(), scales
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -800,11 +808,11 @@ def compact(
         body = engine.run(net, example_input)
         used = "graph"
     body.eval()
-    stats = _stats(net, body, example_input, engine.layers, engine.notes, used)
-    return CompactModel(body, stats)
+    stats = _stats(net, body, example_input, engine.layers, engine.notes, used, means)
+    return CompactModel(body, stats).eval()
 
 
-def _stats(net, body, example_input, layers, notes, method) -> dict:
+def _stats(net, body, example_input, layers, notes, method, means) -> dict:
     params_before, params_after = _count_params(net), _count_params(body)
     flops_before = flops_after = diff = None
     if example_input is not None:
@@ -813,9 +821,11 @@ def _stats(net, body, example_input, layers, notes, method) -> dict:
         try:
             with noise_mode(net, "mean"), torch.no_grad():
                 reference = net(example_input)
-            flops_before = _flops_mean(net, example_input)
         finally:
             net.train(was_training)
+        # Counted on the Pyro-free copy: in mean mode each noise layer would recompute E[theta]
+        # from the guide under the counter (slow, and not part of the network's cost).
+        flops_before = _flops(_dense_copy(net, means)[0], example_input)
         flops_after = _flops(body, example_input)
         with torch.no_grad():
             diff = float((body(example_input) - reference).abs().max())
@@ -831,11 +841,6 @@ def _stats(net, body, example_input, layers, notes, method) -> dict:
         "max_abs_diff": diff,
         "notes": list(notes),
     }
-
-
-def _flops_mean(net: nn.Module, x: torch.Tensor) -> int:
-    with noise_mode(net, "mean"):
-        return _flops(net, x)
 
 
 def compression_stats(
