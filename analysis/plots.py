@@ -1,0 +1,517 @@
+"""Figures of a pruning run. Every function returns a :class:`matplotlib.figure.Figure`.
+
+Figures are built with ``Figure()`` directly, never through ``pyplot``: nothing is shown, no
+global figure list grows, and any backend works (save with ``fig.savefig`` or
+:func:`bmrs_pyro.analysis.report.save_figures`). Colours come from :mod:`.palette`
+(Okabe-Ito): kept structures blue, pruned vermillion.
+
+Inputs follow :mod:`.sources`: a *reduction* is a :func:`bmrs_pyro.reduce` result, a list of
+them or ``{label: result}``; a *posterior source* is a guide, ``(model, guide)``, inference data
+from :func:`~bmrs_pyro.analysis.to_inference_data` or ``{site: TruncatedLogNormal}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from bmrs_pyro.distributions import TruncatedNormal
+from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
+
+from .palette import KEPT, NEUTRAL, OKABE_ITO, PRUNED, method_colour
+from .sources import as_reductions, is_delta_f_method, keep_mask, kept_total, posteriors, scores_of
+
+__all__ = [
+    "plot_posterior_forest",
+    "plot_delta_f",
+    "plot_reduction_densities",
+    "plot_e_theta_histograms",
+    "plot_elbo",
+    "plot_accuracy_compression",
+    "plot_kept_width",
+    "short_site",
+]
+
+_ROW_HEIGHT = 2.6
+_WIDTH = 9.0
+
+
+def short_site(site: str) -> str:
+    """A site's display name: ``net.2.theta`` -> ``net.2``."""
+    return site[: -len(".theta")] if site.endswith(".theta") else site
+
+
+def _figure(rows: int, cols: int = 1, *, width: float = _WIDTH, row_height: float = _ROW_HEIGHT, **kw):
+    fig = Figure(figsize=(width, max(2.8, row_height * rows + 0.6)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _sites(reductions: Mapping[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    order: list[str] = list(extra)
+    for result in reductions.values():
+        order += [s for s in result.keep if s not in order]
+    return order
+
+
+def _keep_or_all(result: Any, site: str, size: int) -> torch.Tensor:
+    if result is None or site not in result.keep:
+        return torch.ones(size, dtype=torch.bool)
+    keep = keep_mask(result, site)
+    if keep.numel() != size:
+        raise ValueError(f"{site}: the reduction keeps {keep.numel()} structures but the posterior has {size}")
+    return keep
+
+
+# ---------------------------------------------------------------------------- forest
+
+
+def plot_posterior_forest(
+    source: Any,
+    reduction: Any = None,
+    *,
+    sites: Optional[Sequence[str]] = None,
+) -> Figure:
+    """Each structure's posterior of log theta: median, 50 % and 94 % intervals, by decision.
+
+    One row per layer, one column per reduction (the decisions of that method; with no
+    reduction, the layers' current masks). Structures are sorted by posterior median. The
+    intervals are the exact quantiles of the truncated normal of log theta.
+    """
+    qs = posteriors(source)
+    reductions = as_reductions(reduction, "plot_posterior_forest")
+    if not reductions:
+        from .sources import masks
+
+        try:
+            current = masks(source)
+        except ValueError:
+            current = {s: torch.ones(q.loc.numel(), dtype=torch.bool) for s, q in qs.items()}
+        from .sources import SavedReduction
+
+        reductions = {"current mask": SavedReduction("mask", {}, current)}
+    sites = list(sites) if sites is not None else list(qs)
+    missing = [s for s in sites if s not in qs]
+    if missing or not sites:
+        raise ValueError(f"unknown sites {missing}; the posterior has {list(qs)}")
+    fig, axes = _figure(len(sites), len(reductions), width=max(_WIDTH, 5.0 * len(reductions)), sharey="row")
+    probs = torch.tensor([0.03, 0.25, 0.5, 0.75, 0.97], dtype=torch.float64)
+    for r, site in enumerate(sites):
+        q = qs[site]
+        z = q.log_theta
+        quant = z.icdf(probs.reshape(-1, 1).expand(-1, q.loc.numel())).detach().double().numpy()
+        order = np.argsort(quant[2], kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        for c, (label, result) in enumerate(reductions.items()):
+            ax = axes[r, c]
+            keep = _keep_or_all(result, site, q.loc.numel()).numpy()
+            for decided, colour, name in ((keep, KEPT, "kept"), (~keep, PRUNED, "pruned")):
+                idx = np.flatnonzero(decided)
+                xs = rank[idx]
+                ax.add_collection(LineCollection(
+                    [[(x, lo), (x, hi)] for x, lo, hi in zip(xs, quant[0, idx], quant[4, idx])],
+                    colors=colour, linewidths=0.8, alpha=0.6))
+                ax.add_collection(LineCollection(
+                    [[(x, lo), (x, hi)] for x, lo, hi in zip(xs, quant[1, idx], quant[3, idx])],
+                    colors=colour, linewidths=2.2))
+                ax.scatter(xs, quant[2, idx], s=9, color=colour, zorder=3, edgecolors="white",
+                           linewidths=0.3, label=f"{name} ({idx.size})")
+            low, high = float(q.low.min()), float(q.high.max())
+            pad = 0.03 * (high - low)
+            ax.set_xlim(-1, q.loc.numel())
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_title(f"{short_site(site)} - {label}", fontsize=10)
+            ax.set_xlabel("structure (sorted by posterior median)")
+            if c == 0:
+                ax.set_ylabel(r"log $\theta$")
+            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(r"Posterior of log $\theta$ per structure (median, 50 % and 94 % intervals)")
+    return fig
+
+
+# ---------------------------------------------------------------------------- dF
+
+
+def _delta_f_reductions(reduction: Any, where: str) -> dict[str, Any]:
+    reductions = as_reductions(reduction, where)
+    chosen = {k: r for k, r in reductions.items() if is_delta_f_method(r.method) and r.scores}
+    if not chosen:
+        raise ValueError(
+            f"{where}: none of the reductions ({[r.method for r in reductions.values()]}) has dF "
+            "scores; use a BMRS method (bmrs_n or bmrs_u)"
+        )
+    return chosen
+
+
+def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Figure:
+    """dF per structure, ranked from most to least prunable, per layer, with the zero line.
+
+    Structures on the shaded side (dF >= 0) are pruned. The y axis is symmetric-log: dF of
+    clearly needed structures is in the hundreds of nats while the decisions happen near 0.
+    Only BMRS reductions (scores = dF) are drawn.
+    """
+    reductions = _delta_f_reductions(reduction, "plot_delta_f")
+    sites = list(sites) if sites is not None else _sites(reductions)
+    fig, axes = _figure(len(sites))
+    for r, site in enumerate(sites):
+        ax = axes[r, 0]
+        lo, hi = -1.0, 1.0
+        for i, (label, result) in enumerate(reductions.items()):
+            if site not in result.scores:
+                continue
+            df = np.sort(scores_of(result, site).numpy())[::-1]
+            finite = df[np.isfinite(df)]
+            if finite.size:
+                lo, hi = min(lo, finite.min()), max(hi, finite.max())
+            pruned = int((df >= 0).sum())
+            ax.plot(np.arange(1, df.size + 1), df, marker="o", markersize=2.5, linewidth=1.2,
+                    color=method_colour(i), label=f"{label}: {pruned} of {df.size} pruned")
+        ax.set_yscale("symlog", linthresh=1.0)
+        top = hi * 3 if hi > 0 else 1.0
+        ax.set_ylim(lo * 3 if lo < 0 else -1.0, top)
+        ax.axhspan(0, top, color=PRUNED, alpha=0.10, label=r"pruned side (dF $\geq$ 0)")
+        ax.axhline(0.0, color=OKABE_ITO["black"], linestyle="--", linewidth=1.0, label="dF = 0")
+        ax.set_title(short_site(site), fontsize=10)
+        ax.set_xlabel("structure rank (largest dF first)")
+        ax.set_ylabel("dF (nats, symlog)")
+        ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Change in log evidence dF when a structure's prior is reduced")
+    return fig
+
+
+# ---------------------------------------------------------------------------- densities
+
+_REDUCED_KEYS = {"bmrs_n": ("reduced_loc", "reduced_scale"), "bmrs_u": ("reduced_low", "reduced_high", "bits")}
+
+
+def _reduced_spec(reduced: Any) -> tuple[str, dict]:
+    if isinstance(reduced, str):
+        method, options = reduced, {}
+    elif isinstance(reduced, Mapping):
+        options = dict(reduced)
+        method = options.pop("method", "bmrs_n")
+    elif hasattr(reduced, "method"):
+        method, options = reduced.method, dict(getattr(reduced, "options", {}) or {})
+    else:
+        raise ValueError(f"reduced must be 'bmrs_n', 'bmrs_u', a dict or a reduction result, got {type(reduced).__name__}")
+    method = str(method).lower()
+    kind = "bmrs_u" if method.startswith("bmrs_u") else "bmrs_n" if method.startswith("bmrs_n") else None
+    if kind is None:
+        raise ValueError(f"reduced prior densities exist for bmrs_n and bmrs_u only, got {method!r}")
+    return kind, {k: v for k, v in options.items() if k in _REDUCED_KEYS[kind] and v is not None}
+
+
+def plot_reduction_densities(
+    source: Any,
+    site: str,
+    indices: Sequence[int],
+    reduced: Any = "bmrs_n",
+) -> Figure:
+    """Prior, posterior and reduced prior of log theta for chosen structures of one layer.
+
+    The prior is flat on [a, b]; the posterior is the truncated normal; the reduced prior is a
+    near point mass at ``reduced_loc`` (default a) for BMRS_N, drawn as an arrow, or flat on
+    [a', b'] for BMRS_U (default [a, log 2^-8]). ``reduced`` is ``"bmrs_n"``, ``"bmrs_u"``,
+    a dict ``{"method": ..., options}`` or a reduction result (its method and options). The
+    legend gives each structure's dF; the y axis is logarithmic so the flat prior and a narrow
+    posterior show together.
+    """
+    qs = posteriors(source)
+    if site not in qs:
+        raise ValueError(f"unknown site {site!r}; sites: {list(qs)}")
+    q = qs[site]
+    size = q.loc.numel()
+    indices = [int(i) for i in indices]
+    if not indices or any(not 0 <= i < size for i in indices):
+        raise ValueError(f"indices must be a non-empty list in [0, {size}) for {site!r}, got {indices}")
+    kind, opts = _reduced_spec(reduced)
+    cols = min(3, len(indices))
+    rows = math.ceil(len(indices) / cols)
+    fig, axes = _figure(rows, cols, width=4.2 * cols, row_height=3.9)
+    for ax in axes.flat[len(indices):]:
+        ax.set_visible(False)
+    for ax, i in zip(axes.flat, indices):
+        loc, scale = float(q.loc[i]), float(q.scale[i])
+        a, b = float(q.low.reshape(-1)[i % q.low.numel()]), float(q.high.reshape(-1)[i % q.high.numel()])
+        pad = 0.04 * (b - a)
+        grid = np.linspace(a, b, 1500)
+        near = np.clip(loc + scale * np.linspace(-8, 8, 801), a, b)
+        grid = np.unique(np.concatenate([grid, near, [a, b]]))
+        one = TruncatedNormal(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), a, b)
+        dens = one.log_prob(torch.as_tensor(grid)).exp().numpy()
+        prior = 1.0 / (b - a)
+        peak = max(float(dens.max()), prior)
+        bottom = prior * 1e-2
+        ax.plot([a, a, b, b], [bottom, prior, prior, bottom], color=NEUTRAL, linewidth=1.6, label=f"prior U({a:g}, {b:g})")
+        ax.plot(grid, np.maximum(dens, bottom * 1e-3), color=KEPT, linewidth=1.6,
+                label=f"posterior (loc {loc:.2f}, scale {scale:.2g})")
+        if kind == "bmrs_n":
+            r_loc = float(opts.get("reduced_loc", a))
+            r_scale = float(opts.get("reduced_scale", 1e-6))
+            df = float(delta_f_log_normal(loc, scale, a, b, r_loc, r_scale))
+            ax.annotate("", xy=(r_loc, peak * 3), xytext=(r_loc, bottom),
+                        arrowprops={"arrowstyle": "-|>", "color": PRUNED, "linewidth": 2.0, "mutation_scale": 14})
+            ax.plot([], [], color=PRUNED, linewidth=2.0, marker="^",
+                    label=f"reduced N({r_loc:g}, {r_scale:.0e}$^2$): dF = {df:.2f}")
+        else:
+            r_low = float(opts.get("reduced_low", a))
+            bits = opts.get("bits")
+            r_high = float(opts.get("reduced_high", bits_to_log_bound(bits if bits is not None else 8)))
+            df = float(delta_f_log_uniform(loc, scale, a, b, r_low, r_high))
+            r_dens = 1.0 / (r_high - r_low)
+            ax.plot([r_low, r_low, r_high, r_high], [bottom, r_dens, r_dens, bottom], color=PRUNED,
+                    linewidth=1.6, linestyle="--", label=f"reduced U({r_low:g}, {r_high:.2f}): dF = {df:.2f}")
+        verdict = "pruned" if df >= 0 else "kept"
+        ax.set_yscale("log")
+        ax.set_ylim(bottom, peak * 12)
+        ax.set_xlim(a - pad, b + pad)
+        ax.set_title(f"{short_site(site)}[{i}]: {verdict}", fontsize=10)
+        ax.set_xlabel(r"log $\theta$")
+        ax.set_ylabel("density")
+        # Below the axes: a legend inside would cover the posterior wherever it sits.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, frameon=False)
+    fig.suptitle(f"Prior, posterior and reduced prior ({kind.upper()})")
+    return fig
+
+
+# ---------------------------------------------------------------------------- E[theta]
+
+
+_DASHES = ("-", "--", ":", "-.")
+
+
+def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Figure:
+    """Histograms of E[theta] per layer: all structures before pruning, the kept ones after.
+
+    One "after" histogram per reduction. Pruned structures are multiplied by 0 after pruning,
+    which has no place on the log axis; their count is in the legend instead.
+    """
+    qs = posteriors(source)
+    reductions = as_reductions(reduction, "plot_e_theta_histograms")
+    if not reductions:
+        raise ValueError("plot_e_theta_histograms needs a reduction (a bmrs_pyro.reduce(...) result)")
+    sites = list(sites) if sites is not None else [s for s in qs if any(s in r.keep for r in reductions.values())]
+    if not sites:
+        raise ValueError(f"the reductions cover none of the posterior's sites {list(qs)}")
+    fig, axes = _figure(len(sites))
+    for r, site in enumerate(sites):
+        ax = axes[r, 0]
+        mean = qs[site].mean.detach().double().numpy()
+        positive = mean[mean > 0]
+        lo = max(positive.min() if positive.size else 1e-12, 1e-300)
+        hi = max(positive.max() if positive.size else 1.0, lo * 10)
+        bins = np.logspace(math.log10(lo) - 0.05, math.log10(hi) + 0.05, 40)
+        ax.hist(positive, bins=bins, histtype="stepfilled", color=NEUTRAL, alpha=0.5,
+                label=f"before: all {mean.size}")
+        for i, (label, result) in enumerate(reductions.items()):
+            keep = _keep_or_all(result, site, mean.size).numpy()
+            # Methods often keep the same structures: distinct dashes keep coincident outlines visible.
+            ax.hist(mean[keep & (mean > 0)], bins=bins, histtype="step", linewidth=2.2 - 0.4 * (i % 3),
+                    linestyle=_DASHES[i % len(_DASHES)], color=method_colour(i), label=f"after {label}: {int(keep.sum())} kept, {int((~keep).sum())} pruned")
+        ax.set_xscale("log")
+        ax.set_title(short_site(site), fontsize=10)
+        ax.set_xlabel(r"E$_q$[$\theta$]")
+        ax.set_ylabel("structures")
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    fig.suptitle(r"Posterior mean E[$\theta$] before and after pruning")
+    return fig
+
+
+# ---------------------------------------------------------------------------- ELBO
+
+
+def _history_parts(history: Any) -> tuple[np.ndarray, list]:
+    import arviz as az
+
+    if isinstance(history, az.InferenceData):
+        from .inference_data import history_from_idata
+
+        history = history_from_idata(history)
+        if history is None:
+            raise ValueError("the inference data has no 'training' group: pass history= to to_inference_data")
+    if isinstance(history, Mapping):
+        elbo, events = history.get("elbo"), history.get("events", [])
+    elif hasattr(history, "elbo"):
+        elbo, events = history.elbo, getattr(history, "events", [])
+    else:
+        elbo, events = history, []
+    try:
+        elbo = np.asarray(list(elbo), dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError("history must be a History, a dict with 'elbo' or a list of floats") from None
+    if elbo.ndim != 1 or elbo.size == 0:
+        raise ValueError("history has no ELBO values")
+    return elbo, list(events or [])
+
+
+def plot_elbo(history: Any) -> Figure:
+    """ELBO per epoch, with continuous-pruning events (``history.events``) as vertical lines.
+
+    Accepts a :class:`bmrs_pyro.infer.History`, a dict with ``"elbo"`` (and ``"events"``), a
+    list of floats or inference data with a ``training`` group. When the ELBO spans more than
+    two orders of magnitude the y axis is symmetric-log.
+    """
+    elbo, events = _history_parts(history)
+    fig, axes = _figure(1, row_height=3.4)
+    ax = axes[0, 0]
+    epochs = np.arange(1, elbo.size + 1)
+    ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5, label="ELBO")
+    prunes = [e for e in events if isinstance(e, Mapping) and e.get("event", "prune") == "prune" and "epoch" in e]
+    for j, event in enumerate(prunes):
+        removed = event.get("fraction_removed")
+        ax.axvline(int(event["epoch"]) + 1, color=PRUNED, linestyle=":", linewidth=1.2,
+                   label=None if j else f"pruning ({event.get('method', 'reduce')})")
+        if removed is not None:
+            ax.annotate(f"{100 * float(removed):.0f}%", (int(event["epoch"]) + 1, 0.97), xycoords=("data", "axes fraction"),
+                        fontsize=7, color=PRUNED, ha="center", va="top",
+                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
+    finite = elbo[np.isfinite(elbo)]
+    if finite.size and np.abs(finite).max() > 100 * max(np.abs(finite).min(), 1e-12):
+        ax.set_yscale("symlog", linthresh=max(np.abs(finite).min(), 1e-12))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats)")
+    ax.set_title("Training ELBO per epoch" + (" (% = structures removed)" if prunes else ""), fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------- curves
+
+_X_KEYS = {"structures": ("structures_removed", "structures_removed_pct", "struct"),
+           "parameters": ("parameters_removed", "parameters_removed_pct", "param")}
+
+
+def _pick(point: Mapping, candidates: Sequence[str], what: str) -> float:
+    for key in candidates:
+        if key in point:
+            return float(point[key])
+    for key in point:
+        if any(c in str(key).lower() for c in candidates[-1:]):
+            return float(point[key])
+    raise ValueError(f"curve point {dict(point)} has no {what} value (expected one of {list(candidates)})")
+
+
+def curve_points(curve: Any, x: str = "structures") -> tuple[np.ndarray, np.ndarray, Optional[tuple[float, float]]]:
+    """(x %, accuracy, stop point or None) of a :class:`bmrs_pyro.curves.PruneCurve` or its dict.
+
+    Points are read from ``curve.to_dict()["points"]`` (or a dict with ``"points"``), each a dict
+    with ``structures_removed`` / ``parameters_removed`` (%) and ``accuracy`` (other names
+    containing "struct", "param", "acc" are accepted too); ``stop_point`` is an optional point
+    alike.
+    """
+    if x not in _X_KEYS:
+        raise ValueError(f"x must be 'structures' or 'parameters', got {x!r}")
+    data = curve.to_dict() if hasattr(curve, "to_dict") else curve
+    if not isinstance(data, Mapping) or "points" not in data:
+        raise ValueError("a curve must be a PruneCurve or a dict with 'points' (list of dicts)")
+    points = [p if isinstance(p, Mapping) else vars(p) for p in data["points"]]
+    if not points:
+        raise ValueError("the curve has no points")
+    acc_keys = ("accuracy", "acc")
+    xs = np.array([_pick(p, _X_KEYS[x], x) for p in points])
+    ys = np.array([_pick(p, acc_keys, "accuracy") for p in points])
+    stop = data.get("stop_point")
+    stop_xy = None
+    if stop:
+        stop = stop if isinstance(stop, Mapping) else vars(stop)
+        stop_xy = (_pick(stop, _X_KEYS[x], x), _pick(stop, acc_keys, "accuracy"))
+    order = np.argsort(xs, kind="stable")
+    return xs[order], ys[order], stop_xy
+
+
+def _baseline_accuracy(curve: Any) -> Optional[float]:
+    data = curve.to_dict() if hasattr(curve, "to_dict") else curve
+    base = data.get("baseline") if isinstance(data, Mapping) else None
+    value = base.get("accuracy") if isinstance(base, Mapping) else None
+    return None if value is None else float(value)
+
+
+def plot_accuracy_compression(curves: Mapping[str, Any], *, x: str = "structures") -> Figure:
+    """Accuracy against compression (structures or parameters removed, %) for each method.
+
+    ``curves`` maps a method's name to its :class:`~bmrs_pyro.curves.PruneCurve` (or dict);
+    methods with a ``stop_point`` (BMRS) get a star where they stop. Accuracies in [0, 1] are
+    shown as percentages; the unpruned accuracy (``baseline``), when all curves share it, is a
+    dashed line.
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves must be a non-empty dict {method: PruneCurve or dict}")
+    parsed = {m: curve_points(c, x) for m, c in curves.items()}
+    as_pct = all(max(ys.max(), s[1] if s else 0.0) <= 1.0 for _, ys, s in parsed.values())
+    k = 100.0 if as_pct else 1.0
+    fig, axes = _figure(1, row_height=4.2)
+    ax = axes[0, 0]
+    baselines = {_baseline_accuracy(c) for c in curves.values()} - {None}
+    if len(baselines) == 1:
+        # Every curve starts from the same trained network: its accuracy is the reference.
+        ax.axhline(baselines.pop() * k, color=NEUTRAL, linestyle="--", linewidth=1.0, label="unpruned")
+    for i, (method, (xs, ys, stop)) in enumerate(parsed.items()):
+        colour = method_colour(i)
+        ax.plot(xs, ys * k, color=colour, linewidth=1.5, marker="o", markersize=3, label=method)
+        if stop is not None:
+            ax.plot([stop[0]], [stop[1] * k], linestyle="none", marker="*", markersize=15, color=colour,
+                    markeredgecolor=OKABE_ITO["black"], markeredgewidth=0.8, label=f"{method} stop ({stop[0]:.0f}%)")
+    ax.set_xlabel(f"{x} removed (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlim(-2, 102)
+    ax.set_title(f"Accuracy against compression ({x})", fontsize=10)
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# ---------------------------------------------------------------------------- widths
+
+
+def plot_kept_width(source: Any) -> Figure:
+    """Kept width per layer: the total as a grey bar, what each method keeps as coloured bars.
+
+    ``source`` is a reduction, a list / dict of reductions, or ``{site: (kept, total)}``.
+    """
+    if isinstance(source, Mapping) and source and all(
+        isinstance(v, (tuple, list)) and len(v) == 2 for v in source.values()
+    ):
+        tables = {"kept": kept_total(source)}
+    else:
+        reductions = as_reductions(source, "plot_kept_width")
+        if not reductions:
+            raise ValueError("plot_kept_width needs a reduction or {site: (kept, total)}")
+        tables = {label: kept_total(r) for label, r in reductions.items()}
+    sites = []
+    for table in tables.values():
+        sites += [s for s in table if s not in sites]
+    totals = {}
+    for table in tables.values():
+        for s, (_, total) in table.items():
+            if totals.setdefault(s, total) != total:
+                raise ValueError(f"{s}: the reductions disagree on the number of structures")
+    fig, axes = _figure(1, width=max(_WIDTH, 0.9 * len(sites) * max(1, len(tables)) + 2), row_height=3.6)
+    ax = axes[0, 0]
+    xs = np.arange(len(sites))
+    group = 0.8
+    ax.bar(xs, [totals[s] for s in sites], width=group, color=NEUTRAL, alpha=0.35, label="total")
+    bar_w = group / len(tables)
+    for i, (label, table) in enumerate(tables.items()):
+        offs = xs - group / 2 + bar_w * (i + 0.5)
+        kept = [table.get(s, (0, totals[s]))[0] for s in sites]
+        bars = ax.bar(offs, kept, width=bar_w * 0.9, color=method_colour(i), label=label if len(tables) > 1 else "kept")
+        for bar, s, k in zip(bars, sites, kept):
+            ax.annotate(f"{k}/{totals[s]}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, [short_site(s) for s in sites], rotation=30 if len(sites) > 6 else 0, ha="right" if len(sites) > 6 else "center")
+    ax.set_ylim(0, max(totals.values()) * 1.15)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("structures")
+    ax.set_title("Kept width per layer", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return fig

@@ -1,0 +1,188 @@
+"""Adapters: turn the things users hold (reductions, guides, inference data) into plain tables.
+
+The analysis functions accept several kinds of input wherever it is natural:
+
+- a *reduction*: one result of :func:`bmrs_pyro.reduce` (anything with ``method``, ``scores`` and
+  ``keep``), a list of them (several methods), a dict ``{label: result}``, or a
+  :class:`SavedReduction` read back from inference data;
+- a *posterior source*: a guide (anything with ``site_names`` and ``posterior(site)``), a
+  ``(model, guide)`` pair, an :class:`arviz.InferenceData` written by
+  :func:`bmrs_pyro.analysis.to_inference_data`, or a dict ``{site: TruncatedLogNormal}``.
+
+Only the fields named above are relied on, so the analysis works with any object that has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from bmrs_pyro.distributions import TruncatedLogNormal
+
+#: Methods whose ``scores`` are the change in log evidence dF (prune where dF >= 0).
+DELTA_F_PREFIX = "bmrs"
+
+
+def is_delta_f_method(method: str) -> bool:
+    """True when a method's scores are dF (BMRS_N, BMRS_U and their variants)."""
+    return str(method).lower().startswith(DELTA_F_PREFIX)
+
+
+@dataclass
+class SavedReduction:
+    """A reduction without a model: per-site scores and keep masks, e.g. read back from disk.
+
+    It has the fields of :class:`bmrs_pyro.pruner.ReductionResult` that the analysis uses.
+    """
+
+    method: str
+    scores: dict[str, torch.Tensor]
+    keep: dict[str, torch.Tensor]
+    options: dict = field(default_factory=dict)
+
+    @property
+    def kept_per_layer(self) -> dict[str, tuple[int, int]]:
+        """``{site: (kept, total)}``."""
+        return {s: (int(k.sum()), int(k.numel())) for s, k in self.keep.items()}
+
+    @property
+    def fraction_removed(self) -> float:
+        """Fraction of all structures removed, in [0, 1]."""
+        total = sum(int(k.numel()) for k in self.keep.values())
+        kept = sum(int(k.sum()) for k in self.keep.values())
+        return 1.0 - kept / total if total else 0.0
+
+
+def _check_reduction(obj: Any, where: str) -> None:
+    missing = [f for f in ("method", "keep", "scores") if not hasattr(obj, f)]
+    if missing:
+        raise ValueError(
+            f"{where}: expected a reduction result (bmrs_pyro.reduce(...)) with fields method, "
+            f"scores and keep; {type(obj).__name__} lacks {missing}"
+        )
+    if not isinstance(obj.keep, Mapping) or not obj.keep:
+        raise ValueError(f"{where}: the reduction's keep must be a non-empty dict {{site: bool tensor}}")
+
+
+def as_reductions(reduction: Any, where: str = "reduction") -> dict[str, Any]:
+    """Normalise one reduction, a list of them or a ``{label: result}`` dict to ``{label: result}``.
+
+    Labels default to each result's ``method``; two results with the same method need a dict
+    with distinct labels (e.g. ``{"bmrs_u-8": r8, "bmrs_u-4": r4}``).
+    """
+    if reduction is None:
+        return {}
+    if isinstance(reduction, Mapping) and not hasattr(reduction, "keep"):
+        items = list(reduction.items())
+    elif isinstance(reduction, (list, tuple)):
+        items = [(getattr(r, "method", None), r) for r in reduction]
+    else:
+        items = [(getattr(reduction, "method", None), reduction)]
+    out: dict[str, Any] = {}
+    for label, result in items:
+        _check_reduction(result, where)
+        label = str(label)
+        if label in out:
+            raise ValueError(
+                f"{where}: two reductions are labelled {label!r}; pass a dict "
+                "{label: result} with distinct labels"
+            )
+        out[label] = result
+    return out
+
+
+def keep_mask(result: Any, site: str) -> torch.Tensor:
+    """The keep mask of ``site`` as a bool CPU tensor."""
+    return torch.as_tensor(result.keep[site]).detach().cpu().bool().flatten()
+
+
+def scores_of(result: Any, site: str) -> torch.Tensor:
+    """The scores of ``site`` as a float64 CPU tensor."""
+    return torch.as_tensor(result.scores[site]).detach().cpu().double().flatten()
+
+
+def kept_total(source: Any) -> dict[str, tuple[int, int]]:
+    """``{site: (kept, total)}`` from a reduction or from such a dict itself."""
+    if isinstance(source, Mapping) and not hasattr(source, "keep"):
+        out = {}
+        for site, value in source.items():
+            try:
+                kept, total = (int(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"kept width for {site!r} must be a pair (kept, total), got {value!r}"
+                ) from None
+            if not 0 <= kept <= total or total < 1:
+                raise ValueError(f"kept width for {site!r}: need 0 <= kept <= total and total >= 1, got {value!r}")
+            out[str(site)] = (kept, total)
+        if not out:
+            raise ValueError("no layers given: pass {site: (kept, total)} or a reduction result")
+        return out
+    _check_reduction(source, "kept width")
+    return {s: (int(keep_mask(source, s).sum()), keep_mask(source, s).numel()) for s in source.keep}
+
+
+def _guide_of(source: Any) -> Any:
+    """The truncated log-normal part of a guide (itself, or inside an AutoGuideList)."""
+    if hasattr(source, "posterior") and hasattr(source, "site_names"):
+        return source
+    for part in getattr(source, "_modules", {}).values():
+        found = _guide_of(part) if part is not None and part is not source else None
+        if found is not None:
+            return found
+    return None
+
+
+def noise_guide(guide: Any) -> Any:
+    """The guide that owns the noise sites, or a ValueError saying what is wrong."""
+    found = _guide_of(guide)
+    if found is None:
+        raise ValueError(
+            f"expected an AutoTruncatedLogNormal guide (or an AutoGuideList holding one), got {type(guide).__name__}"
+        )
+    if getattr(found, "prototype_trace", True) is None or not found.site_names:
+        raise ValueError("the guide has not run yet: fit the model (or call guide(x, y) once) first")
+    return found
+
+
+def posteriors(source: Any) -> dict[str, TruncatedLogNormal]:
+    """``{site: TruncatedLogNormal}`` (detached, CPU) from any posterior source (module docstring)."""
+    import arviz as az
+
+    if isinstance(source, az.InferenceData):
+        from .inference_data import posteriors_from_idata
+
+        return posteriors_from_idata(source)
+    if isinstance(source, tuple) and len(source) == 2:
+        source = source[1]
+    if isinstance(source, Mapping):
+        out = {}
+        for site, q in source.items():
+            if not isinstance(q, TruncatedLogNormal):
+                raise ValueError(f"posterior of {site!r} must be a TruncatedLogNormal, got {type(q).__name__}")
+            out[str(site)] = q
+        return out
+    guide = noise_guide(source)
+    out = {}
+    with torch.no_grad():
+        for site in guide.site_names:
+            q = guide.posterior(site)
+            out[site] = TruncatedLogNormal(
+                q.loc.detach().cpu().double(), q.scale.detach().cpu().double(),
+                q.low.detach().cpu().double(), q.high.detach().cpu().double(),
+            )
+    return out
+
+
+def masks(source: Any) -> dict[str, torch.Tensor]:
+    """Current masks ``{site: bool tensor}`` of a (model, guide) pair, a guide or inference data."""
+    import arviz as az
+
+    if isinstance(source, az.InferenceData):
+        from .inference_data import masks_from_idata
+
+        return masks_from_idata(source)
+    guide = noise_guide(source[1] if isinstance(source, tuple) else source)
+    return {site: layer.mask.detach().cpu().bool() for site, layer in guide.layers.items()}
