@@ -1,0 +1,303 @@
+"""Apply a pruning criterion to every noise layer of a model: :func:`reduce`.
+
+Threshold-free methods (``bmrs_n``, ``bmrs_u``, ``snr``) decide by their own rule; ranking
+criteria (``e_theta``, ``l2``, ``activation``) remove a requested ``fraction`` of the lowest-ranked
+structures. A rule-based method given a ``fraction`` ranks by its score instead (BMRS by -dF), so
+that every method can be swept into an accuracy-vs-compression curve. See
+:mod:`bmrs_pyro.criteria` for the criteria and how to add one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .criteria import CRITERIA, SCOPES, Criterion, get_criterion
+from .nn import MultiplicativeNoise, noise_modules
+
+# fraction * S is floored; the tolerance keeps 0.3 * 10 (= 2.9999...) at 3.
+_FLOOR_TOL = 1e-9
+
+
+@dataclass
+class ReductionResult:
+    """What :func:`reduce` decided.
+
+    Attributes:
+        method: the criterion's name.
+        options: the criterion's options and ``fraction``, ``scope``, ``respect_mask``, ``min_keep``.
+        scores: per site, the criterion's score of each structure (dF for BMRS, float64).
+        keep: per site, a bool tensor, True for structures that stay.
+        kept_per_layer: per site, ``(kept, total)``.
+        fraction_removed: structures removed over all structures of all layers.
+    """
+
+    method: str
+    options: dict
+    scores: dict
+    keep: dict
+    kept_per_layer: dict
+    fraction_removed: float
+    label: str = "score"
+    layers: dict = field(default_factory=dict, repr=False)
+
+    def apply(self) -> "ReductionResult":
+        """Set each noise layer's ``mask`` to ``keep`` (1 keep, 0 pruned); returns ``self``."""
+        for site, keep in self.keep.items():
+            layer = self.layers[site]
+            with torch.no_grad():
+                layer.mask.copy_(keep.to(layer.mask.dtype).to(layer.mask.device))
+        return self
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary: method, options, per-layer keep masks and scores."""
+        return {
+            "method": self.method,
+            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "fraction_removed": float(self.fraction_removed),
+            "layers": {
+                site: {
+                    "kept": int(self.kept_per_layer[site][0]),
+                    "total": int(self.kept_per_layer[site][1]),
+                    "keep": [bool(v) for v in self.keep[site].tolist()],
+                    "scores": [float(v) for v in self.scores[site].tolist()],
+                }
+                for site in self.keep
+            },
+        }
+
+    def __str__(self) -> str:
+        width = max([len("site")] + [len(s) for s in self.keep])
+        head = (
+            f"{'site':<{width}}  {'kept/total':>11}  {'removed %':>9}  "
+            f"{'min ' + self.label:>12}  {'max ' + self.label:>12}"
+        )
+        lines = [
+            f"reduce(method={self.method!r}): removed {self.fraction_removed * 100:.1f} % of structures",
+            head,
+            "-" * len(head),
+        ]
+        for site, (kept, total) in self.kept_per_layer.items():
+            s = self.scores[site]
+            removed = 100.0 * (total - kept) / total
+            lines.append(
+                f"{site:<{width}}  {f'{kept}/{total}':>11}  {removed:>9.1f}  "
+                f"{float(s.min()):>12.4g}  {float(s.max()):>12.4g}"
+            )
+        kept = sum(k for k, _ in self.kept_per_layer.values())
+        total = sum(t for _, t in self.kept_per_layer.values())
+        lines.append(f"{'total':<{width}}  {f'{kept}/{total}':>11}  {100.0 * (total - kept) / total:>9.1f}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return repr(v)
+
+
+def _noise_guide(guide):
+    """The part of ``guide`` that holds the noise posteriors (itself, or inside an AutoGuideList)."""
+    if hasattr(guide, "loc_scale") and hasattr(guide, "site_names"):
+        return guide
+    for part in getattr(guide, "__iter__", lambda: iter(()))():
+        if hasattr(part, "loc_scale") and hasattr(part, "site_names"):
+            return part
+    raise ValueError(
+        f"reduce needs an AutoTruncatedLogNormal guide (or an AutoGuideList holding one), got {type(guide).__name__}"
+    )
+
+
+def _sites(model, guide) -> dict[str, MultiplicativeNoise]:
+    layers = noise_modules(model)
+    if not layers:
+        raise ValueError("the model has no MultiplicativeNoise layer: nothing to prune")
+    covered = set(guide.site_names)
+    if not covered:
+        raise ValueError("the guide has not run yet: fit the model (or run one SVI step) before reduce")
+    sites = {s: layer for s, layer in layers.items() if s in covered}
+    if not sites:
+        raise ValueError(
+            f"the guide covers none of the model's noise sites {list(layers)}; was it built for this model?"
+        )
+    return sites
+
+
+def _check_fraction(fraction) -> Optional[float]:
+    if fraction is None:
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1] (the share of structures to remove), got {fraction!r}")
+    return float(fraction)
+
+
+def _rank_remove(importance: torch.Tensor, alive: torch.Tensor, n_remove: int, groups: torch.Tensor,
+                 room: dict) -> torch.Tensor:
+    """Remove up to ``n_remove`` alive structures, least important first, within each group's room."""
+    removed = torch.zeros_like(alive)
+    if n_remove <= 0:
+        return removed
+    candidates = torch.nonzero(alive).flatten()
+    order = candidates[torch.sort(importance[candidates], stable=True).indices]
+    count = 0
+    for idx in order.tolist():
+        if count >= n_remove:
+            break
+        g = int(groups[idx])
+        if room[g] > 0:
+            removed[idx] = True
+            room[g] -= 1
+            count += 1
+    return removed
+
+
+def reduce(
+    model: torch.nn.Module,
+    guide,
+    method: str | Criterion = "bmrs_n",
+    *,
+    fraction: Optional[float] = None,
+    scope: Optional[str] = None,
+    data=None,
+    respect_mask: bool = True,
+    min_keep: Optional[int] = None,
+    **options,
+) -> ReductionResult:
+    """Score every structure of every noise layer with ``method`` and decide which to keep.
+
+    Args:
+        model, guide: a fitted multiplicative-noise model and its
+            :class:`~bmrs_pyro.guides.AutoTruncatedLogNormal` guide (or an AutoGuideList holding one).
+        method: a name in :data:`~bmrs_pyro.criteria.CRITERIA` (``bmrs_n``, ``bmrs_u``, ``snr``,
+            ``e_theta``, ``l2``, ``activation``, ...) or a :class:`~bmrs_pyro.criteria.Criterion`.
+        fraction: remove this share of structures (in [0, 1]), lowest-ranked first. Required for
+            ranking-only criteria; for rule-based ones (BMRS, SNR) it replaces the rule by ranking
+            on the score (BMRS ranks by -dF). The count is ``floor(fraction * S)`` over all
+            structures (global scope) or per layer (layer scope); with ``respect_mask`` already
+            pruned structures count towards it first.
+        scope: ``"global"`` ranks all structures of all layers together (the default for the
+            scale-free scores dF, SNR and E[theta]); ``"layer"`` ranks within each layer (the
+            default for L2 and activation, whose scale differs from layer to layer).
+        data: ``(X, y)``, ``X`` or a DataLoader for data-dependent criteria (``activation``);
+            use training data.
+        respect_mask: structures already masked stay pruned (the default; continuous pruning
+            relies on it). With False the masks are ignored and decided afresh.
+        min_keep: keep at least this many structures per layer. Defaults to 1 with ``fraction``
+            and to 0 (the rule decides, even to remove a whole layer) without it. Structures
+            already masked (with ``respect_mask``) are never brought back to satisfy it.
+        **options: the criterion's own options (``bits``/``reduced_low`` for ``bmrs_u``,
+            ``reduced_loc``/``reduced_scale`` for ``bmrs_n``, ``batch_size`` for ``activation``).
+
+    Returns:
+        A :class:`ReductionResult`; call ``.apply()`` to write the masks into the model.
+
+    Raises:
+        ValueError: unknown method or option, bad fraction/scope/min_keep, a ranking criterion
+        without ``fraction``, a criterion needing data without ``data``, an unfitted guide.
+    """
+    criterion = get_criterion(method)
+    crit_options = criterion.check_options(options)
+    fraction = _check_fraction(fraction)
+    if fraction is None and not criterion.has_rule:
+        raise ValueError(
+            f"{criterion.name!r} ranks structures but has no threshold of its own: pass fraction=<share to "
+            f"remove>, or use a threshold-free method (bmrs_n, bmrs_u, snr)"
+        )
+    scope = criterion.default_scope if scope is None else scope
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if min_keep is None:
+        min_keep = 1 if fraction is not None else 0
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+        raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
+    if criterion.needs_data and data is None:
+        raise ValueError(f"{criterion.name!r} needs data: pass data=(X, y) (training data)")
+    noise_guide = _noise_guide(guide)
+    sites = _sites(model, noise_guide)
+
+    scores = {}
+    for site, layer in sites.items():
+        s = criterion.score(model, noise_guide, site, layer, data=data, **crit_options)
+        s = torch.as_tensor(s).detach().flatten().cpu()
+        if s.shape != (layer.num_structures,):
+            raise ValueError(
+                f"criterion {criterion.name!r} returned shape {tuple(s.shape)} for {site}; expected ({layer.num_structures},)"
+            )
+        if torch.isnan(s).any():
+            raise ValueError(f"criterion {criterion.name!r} gave NaN scores at {site} (check the fitted guide)")
+        scores[site] = s
+
+    alive = {site: (layer.mask.detach().cpu() > 0) if respect_mask else torch.ones(layer.num_structures, dtype=torch.bool)
+             for site, layer in sites.items()}
+    if fraction is None:
+        keep = {site: criterion.rule(scores[site]).bool() & alive[site] for site in sites}
+        if min_keep > 0:
+            keep = {site: _top_up(keep[site], alive[site], criterion.importance(scores[site]), min_keep)
+                    for site in sites}
+    else:
+        keep = _keep_fraction(criterion, scores, alive, fraction, scope, min_keep)
+
+    kept_per_layer = {site: (int(keep[site].sum()), sites[site].num_structures) for site in sites}
+    total = sum(t for _, t in kept_per_layer.values())
+    removed = sum(t - k for k, t in kept_per_layer.values())
+    recorded = dict(crit_options, fraction=fraction, scope=scope if fraction is not None else None,
+                    respect_mask=respect_mask, min_keep=min_keep)
+    return ReductionResult(
+        method=criterion.name,
+        options=recorded,
+        scores=scores,
+        keep=keep,
+        kept_per_layer=kept_per_layer,
+        fraction_removed=removed / total,
+        label=criterion.label,
+        layers=dict(sites),
+    )
+
+
+def _top_up(keep: torch.Tensor, alive: torch.Tensor, importance: torch.Tensor, min_keep: int) -> torch.Tensor:
+    missing = min_keep - int(keep.sum())
+    if missing <= 0:
+        return keep
+    candidates = torch.nonzero(alive & ~keep).flatten()
+    order = candidates[torch.sort(importance[candidates], descending=True, stable=True).indices]
+    keep = keep.clone()
+    keep[order[:missing]] = True
+    return keep
+
+
+def _keep_fraction(criterion: Criterion, scores: dict, alive: dict, fraction: float, scope: str,
+                   min_keep: int) -> dict:
+    sites = list(scores)
+    if scope == "global":
+        buckets = [sites]
+    else:
+        buckets = [[site] for site in sites]
+    keep = {}
+    for bucket in buckets:
+        importance = torch.cat([criterion.importance(scores[s]).to(torch.float64) for s in bucket])
+        live = torch.cat([alive[s] for s in bucket])
+        groups = torch.cat([torch.full((scores[s].numel(),), i) for i, s in enumerate(bucket)])
+        n_total = live.numel()
+        target = math.floor(fraction * n_total + _FLOOR_TOL)
+        already = int((~live).sum())
+        room = {i: max(int(alive[s].sum()) - min_keep, 0) for i, s in enumerate(bucket)}
+        removed = _rank_remove(importance, live, target - already, groups, room)
+        kept = live & ~removed
+        start = 0
+        for s in bucket:
+            n = scores[s].numel()
+            keep[s] = kept[start : start + n]
+            start += n
+    return keep
+
+
+__all__ = ["CRITERIA", "ReductionResult", "reduce"]
