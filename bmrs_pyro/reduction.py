@@ -22,12 +22,12 @@ anything large. All arithmetic is float64 and the inputs broadcast.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import torch
 from torch.distributions import Distribution, TransformedDistribution
 
-from bmrs_pyro._special import log1mexp, log_erfcx_ratio_lower
 
 __all__ = [
     "bits_to_log_bound",
@@ -64,6 +64,18 @@ def bits_to_log_bound(k: TensorLike) -> TensorLike:
 # --------------------------------------------------------------------------------------------
 # helpers
 
+# Elements per chunk: torch's parallel grain size, so a chunk's ops run single-threaded in the
+# worker that owns it, and a chunk's few dozen temporaries (256 KiB each) stay in cache.
+_CHUNK = 1 << 15
+_CHUNK_ACCEL = 1 << 24
+# Beyond this x, erfc(x) nears the subnormal range (erfc(26.5) ~ 2e-307): switch to erfcx.
+_ERFC_SAFE = 25.0
+_FAR = _ERFC_SAFE / _SQRT_HALF
+_ERFC_CAP = 26.0
+# Floor for 2 x mass before its log: far below any mass the erfc branch is used for (>= 1e-273),
+# far above the subnormals that send log down its slow path.
+_TINY = 1e-300
+
 
 def _f64(x: TensorLike, like: torch.Tensor | None = None) -> torch.Tensor:
     device = like.device if like is not None else None
@@ -79,27 +91,96 @@ def _scaled_log_diff_ndtr(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 
     ``e`` is the distance of ``[lo, hi]`` from zero; removing ``-e^2/2`` leaves a remainder of order
     ``log e`` that stays exact however far in the tail the interval lies, so callers can cancel the
-    quadratic parts of several normalisers exactly (see the module docstring).
+    quadratic parts of several normalisers exactly (see the module docstring). Inputs are 1-D or
+    0-d and broadcast.
+
+    Written for speed on millions of entries: only the vectorised ``erfc`` and ``log`` run on every
+    entry (the scalar ``erfcx`` only on those deep in a tail), branches are blended with exact 0/1
+    weights instead of ``torch.where`` (slow on unpredictable masks), and no transcendental sees a
+    zero, negative or underflowing argument (their slow paths).
     """
-    flip = lo > 0
-    # Mirror an upper-tail interval into the lower tail: Phi(hi)-Phi(lo) = Phi(-lo)-Phi(-hi).
-    a = torch.where(flip, -hi, lo)
-    b = torch.where(flip, -lo, hi)
-    # Same-tail branch (b <= 0, e = -b): log Phi(b) + e^2/2 = log(erfcx(e / sqrt 2) / 2).
-    b_neg = torch.clamp(b, max=0.0)
-    a_neg = torch.minimum(a, b_neg)
-    log_ratio = torch.clamp(log_erfcx_ratio_lower(a_neg, b_neg), max=0.0)
-    same = torch.log(torch.special.erfcx(-b_neg * _SQRT_HALF)) - _LOG_2 + log1mexp(log_ratio)
-    # Straddling branch (a < 0 < b, e = 0): the mass is >= that of one half-line minus a tail.
-    a_st = torch.clamp(a, max=0.0)
-    b_st = torch.clamp(b, min=0.0)
-    tails = torch.special.ndtr(a_st) + torch.special.ndtr(-b_st)
-    straddle = torch.where(
-        tails < 0.5,
-        torch.log1p(-tails),
-        torch.log(torch.special.ndtr(b_st) - torch.special.ndtr(a_st)),
-    )
-    return torch.where(b <= 0, same, straddle)
+    xl = lo.abs().mul_(_SQRT_HALF)
+    xh = hi.abs().mul_(_SQRT_HALF)
+    x_near = torch.minimum(xl, xh)  # e / sqrt 2 when both ends lie on one side of zero
+    # erfc(|x|/sqrt 2) = 2 Phi(-|x|). Capped at 26, where erfc nears the subnormal range: that
+    # changes only values < 1e-295, negligible beside the terms they meet (far tails: see below).
+    el = torch.erfc(torch.clamp(xl, max=_ERFC_CAP))
+    eh = torch.erfc(torch.clamp(xh, max=_ERFC_CAP))
+    prod = lo * hi
+    same = (prod >= 0).to(lo.dtype)  # 1 where both ends lie on one side of zero, else 0
+    # Straddling zero: 2 (Phi(hi) - Phi(lo)) = 2 - el - eh; both tails <= 1, so no cancellation
+    # beyond the absolute rounding of 2. Same side: 2 (Phi(hi) - Phi(lo)) = |el - eh|, exact
+    # relative to itself as erfc is accurate down to 1e-295.
+    twice_mass = (el - eh).abs_().mul_(same)
+    twice_mass += (2.0 - el - eh).mul_(1.0 - same)
+    out = torch.log(twice_mass.clamp_(min=_TINY).mul_(0.5))
+    out += (x_near * x_near).mul_(same)
+    far = (x_near > _ERFC_SAFE) & (prod > 0)
+    if out.dim() == 0:
+        if bool(far):
+            out = _far_tail(torch.maximum(xl, xh), x_near, hi - lo)
+    elif bool(far.any()):
+        idx = far.nonzero().squeeze(1)
+        xl, xh = xl[idx], xh[idx]
+        out[idx] = _far_tail(torch.maximum(xl, xh), torch.minimum(xl, xh), hi[idx] - lo[idx])
+    return out
+
+
+def _far_tail(xa: torch.Tensor, xb: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """The same-side remainder through erfcx, for ends at ``|x| = sqrt 2 xa`` (far) and
+    ``sqrt 2 xb`` (near) with ``xa >= xb > 25``, and ``width = hi - lo``.
+
+    With the near end mirrored to ``b = -sqrt 2 xb <= 0``: ``Phi(b) e^{b^2/2} = erfcx(xb) / 2`` and
+    ``Phi(a)/Phi(b) = erfcx(xa)/erfcx(xb) e^{-(xa-xb)(xa+xb)}``, with ``xa - xb = width / sqrt 2``
+    taken from the width so that narrow intervals keep their digits.
+    """
+    cb = torch.special.erfcx(xb)
+    log_ratio = torch.log(torch.special.erfcx(xa) / cb) - (width * _SQRT_HALF) * (xa + xb)
+    # Below -50 the correction log(1 - e^x) is < 1e-21; clamping skips expm1's underflow path.
+    log_ratio.clamp_(min=-50.0)
+    return torch.log(cb * 0.5) + torch.log(-torch.expm1(log_ratio))
+
+
+def _flat_args(*args: torch.Tensor) -> tuple[torch.Size, list[torch.Tensor]]:
+    """Broadcast shape, and each argument as 0-d (if it has one element) or flat 1-D of that shape."""
+    shape = torch.broadcast_shapes(*(x.shape for x in args))
+    flat = [x.reshape(()) if x.numel() == 1 else x.expand(shape).reshape(-1) for x in args]
+    return shape, flat
+
+
+def _chunked(core, *args: torch.Tensor) -> torch.Tensor:
+    """Evaluate the elementwise ``core(mu, sigma, *rest)`` over broadcast ``args`` in chunks.
+
+    ``mu`` and ``sigma`` reach ``core`` as 1-D chunks (a scalar one as an expanded view, so that
+    ``core`` may work in place on anything derived from them); the rest may be 0-d.
+    Chunks go to ``torch.get_num_threads()`` Python worker threads (torch releases the GIL inside
+    each op). Each chunk is at torch's parallel grain size, so its ops run single-threaded: no
+    per-op thread barriers, which on a loaded machine cost far more than the work itself.
+    """
+    shape, flat = _flat_args(*args)
+    n = math.prod(shape)
+    device = flat[0].device
+    out = torch.empty(n, dtype=_F64, device=device)
+    # On an accelerator, per-chunk launch overhead dominates instead: use large chunks there.
+    chunk = _CHUNK if device.type == "cpu" else _CHUNK_ACCEL
+
+    def work(start: int) -> None:
+        stop = min(start + chunk, n)
+        piece = [x if x.dim() == 0 else x[start:stop] for x in flat]
+        piece[0] = piece[0].expand(stop - start)
+        piece[1] = piece[1].expand(stop - start)
+        out[start:stop] = core(*piece)
+
+    starts = range(0, n, chunk)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1 and device.type == "cpu":
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(work, starts):
+                pass
+    else:
+        for start in starts:
+            work(start)
+    return out.reshape(shape)
 
 
 def _check_bounds(low: torch.Tensor, high: torch.Tensor, fn: str) -> None:
@@ -110,14 +191,62 @@ def _check_bounds(low: torch.Tensor, high: torch.Tensor, fn: str) -> None:
 
 
 def _check_posterior(loc: torch.Tensor, scale: torch.Tensor, fn: str) -> None:
-    if not _all(torch.isfinite(loc)):
+    # One min/max pass each; NaN propagates through aminmax and fails both comparisons.
+    if loc.numel() == 0 or scale.numel() == 0:
+        return
+    lo, hi = torch.aminmax(loc)
+    if not (bool(lo > -math.inf) and bool(hi < math.inf)):
         raise ValueError(f"{fn}: loc must be finite (got NaN or inf); check the guide's parameters")
-    if not _all((scale > 0) & torch.isfinite(scale)):
+    lo, hi = torch.aminmax(scale)
+    if not (bool(lo > 0) and bool(hi < math.inf)):
         raise ValueError(f"{fn}: scale must be finite and > 0 (pass exp(log_scale), not log_scale)")
 
 
 # --------------------------------------------------------------------------------------------
 # closed forms
+
+
+def _bmrs_n_core(mu, sigma, a, b, rl, rs) -> torch.Tensor:
+    # h = sqrt(sigma^2 + sigma~^2) via hypot, and weights as squared ratios <= 1, so nothing
+    # overflows or underflows for sigma ~ e^-20 .. e^5 against sigma~ ~ 1e-6.
+    h = torch.hypot(sigma, rs)
+    w_p = torch.square(sigma / h)  # weight of mu~ in m
+    r_q = rs / h
+    w_q = r_q * r_q  # weight of mu in m
+    s = sigma * r_q
+    d = mu - rl
+    dw_p = d * w_p  # mu - m
+    dw_q = d * w_q  # m - mu~
+    # m, and the ends of [a, b] relative to it, from whichever centre m is nearer: a shift of
+    # 1e-13 from mu~ = a would otherwise be lost rounding against a - mu, and with it log Z~.
+    near_rl = sigma > rs
+    a_mu = a - mu
+    b_mu = b - mu
+    m = torch.where(near_rl, rl + dw_q, mu - dw_p)
+    a_m = torch.where(near_rl, (a - rl) - dw_q, a_mu + dw_p)
+    b_m = torch.where(near_rl, (b - rl) - dw_q, b_mu + dw_p)
+
+    # Distances from each Gaussian's centre to its nearest point of [a, b] (0 inside).
+    u = torch.clamp(mu, a, b).sub_(mu)
+    v = torch.clamp(rl, a, b) - rl
+    cm = torch.clamp(m, a, b)
+    m_in = cm == m
+    # cm - mu and cm - mu~, without cancellation when m is inside [a, b], and bit-identical to u
+    # (resp. v) when both are clamped to the same end (a posterior piled at a): the quadratic
+    # part below is then exactly zero instead of a difference of two ~1e18 numbers.
+    g = torch.where(m_in, -dw_p, cm - mu)
+    k = torch.where(m_in, dw_q, cm - rl)
+    # Quadratic parts: -(cm-m)^2/(2 s^2) + (c-mu)^2/(2 sigma^2) + (c~-mu~)^2/(2 sigma~^2)
+    # - d^2/(2 h^2), rewritten with (z-mu)^2/sigma^2 + (z-mu~)^2/sigma~^2 = (z-m)^2/s^2 + d^2/h^2
+    # at z = cm, as differences of squares.
+    quad = ((u - g).div_(sigma)).mul_((u + g).div_(sigma)).mul_(0.5)
+    quad += ((v - k).div_(rs)).mul_((v + k).div_(rs)).mul_(0.5)
+
+    r_z = _scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
+    r_zt = _scaled_log_diff_ndtr(a_m.div_(s), b_m.div_(s))
+    r_zp = _scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
+    const = torch.log(b - a) - _HALF_LOG_2PI - r_zp
+    return quad.add_(r_zt).sub_(r_z).sub_(torch.log(h)).add_(const)
 
 
 def delta_f_log_normal(
@@ -149,8 +278,8 @@ def delta_f_log_normal(
     checked against quadrature. ``reduced_loc`` may be any real (the reduced prior stays a normal
     truncated to ``[a, b]``). Finite over ``loc in [a-5, b+5]``, ``log scale in [-20, 5]``.
 
-    Returns a float64 tensor of the broadcast shape of the arguments. Raises ``ValueError`` unless
-    ``low < high``, ``scale > 0`` and ``reduced_scale > 0`` (all finite).
+    Returns a float64 tensor of the broadcast shape of the arguments, without gradient. Raises
+    ``ValueError`` unless ``low < high``, ``scale > 0`` and ``reduced_scale > 0`` (all finite).
     """
     fn = "delta_f_log_normal"
     mu = _f64(loc)
@@ -165,33 +294,20 @@ def delta_f_log_normal(
         raise ValueError(f"{fn}: reduced_loc must be finite")
     if not _all((rs > 0) & torch.isfinite(rs)):
         raise ValueError(f"{fn}: reduced_scale must be finite and > 0")
+    with torch.no_grad():
+        return _chunked(_bmrs_n_core, mu, sigma, a, b, rl, rs)
 
-    # h = sqrt(sigma^2 + sigma~^2) via hypot, and weights as squared ratios <= 1, so nothing
-    # overflows or underflows for sigma ~ e^-20 .. e^5 against sigma~ ~ 1e-6.
-    h = torch.hypot(sigma, rs)
-    w_p = torch.square(sigma / h)  # weight of mu~ in m
-    w_q = torch.square(rs / h)  # weight of mu in m
-    s = sigma * (rs / h)
-    d = mu - rl
-    m = mu - d * w_p
 
-    # Distances from each Gaussian's centre to its nearest point of [a, b] (0 inside).
-    u = torch.clamp(mu, a, b) - mu
-    v = torch.clamp(rl, a, b) - rl
-    m_in = (m >= a) & (m <= b)
-    cm = torch.clamp(m, a, b)
-    # cm - mu and cm - mu~, written without cancellation when m is inside [a, b].
-    g = torch.where(m_in, -d * w_p, cm - mu)
-    k = torch.where(m_in, d * w_q, cm - rl)
-    # Quadratic parts: -(cm-m)^2/(2 s^2) + (c-mu)^2/(2 sigma^2) + (c~-mu~)^2/(2 sigma~^2)
-    # - d^2/(2 h^2), rewritten with (z-mu)^2/sigma^2 + (z-mu~)^2/sigma~^2 = (z-m)^2/s^2 + d^2/h^2
-    # at z = cm, as differences of squares.
-    quad = 0.5 * ((u - g) / sigma) * ((u + g) / sigma) + 0.5 * ((v - k) / rs) * ((v + k) / rs)
-
-    r_z = _scaled_log_diff_ndtr((a - mu) / sigma, (b - mu) / sigma)
-    r_zt = _scaled_log_diff_ndtr((a - m) / s, (b - m) / s)
-    r_zp = _scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
-    return torch.log(b - a) - _HALF_LOG_2PI - torch.log(h) + r_zt - r_z - r_zp + quad
+def _bmrs_u_core(mu, sigma, a, b, a2, b2) -> torch.Tensor:
+    # The quadratic parts of the two normalisers cancel exactly when both intervals have the same
+    # nearest point to mu (e.g. a posterior piled at a with a' = a).
+    u = torch.clamp(mu, a, b).sub_(mu)
+    u2 = torch.clamp(mu, a2, b2).sub_(mu)
+    quad = ((u - u2).div_(sigma)).mul_((u + u2).div_(sigma)).mul_(0.5)
+    r_red = _scaled_log_diff_ndtr((a2 - mu).div_(sigma), (b2 - mu).div_(sigma))
+    r_z = _scaled_log_diff_ndtr((a - mu).div_(sigma), (b - mu).div_(sigma))
+    const = torch.log(b - a) - torch.log(b2 - a2)
+    return quad.add_(r_red).sub_(r_z).add_(const)
 
 
 def delta_f_log_uniform(
@@ -219,8 +335,8 @@ def delta_f_log_uniform(
     note that with ``a' > a`` a posterior piled up at ``z = a`` (the most prunable structure) has
     almost no mass in ``[a', b']`` and is never pruned (dF -> -inf).
 
-    Returns a float64 tensor of the broadcast shape. Raises ``ValueError`` unless
-    ``low < high``, ``low <= reduced_low < reduced_high <= high`` and ``scale > 0``.
+    Returns a float64 tensor of the broadcast shape, without gradient. Raises ``ValueError``
+    unless ``low < high``, ``low <= reduced_low < reduced_high <= high`` and ``scale > 0``.
     """
     fn = "delta_f_log_uniform"
     mu = _f64(loc)
@@ -238,15 +354,8 @@ def delta_f_log_uniform(
             f"{fn}: need low <= reduced_low < reduced_high <= high; the default reduced_high is "
             "bits_to_log_bound(8) = -5.545, so pass reduced_high when high is below that"
         )
-
-    # The quadratic parts of the two normalisers cancel exactly when both intervals have the same
-    # nearest point to mu (e.g. a posterior piled at a with a' = a).
-    u = torch.clamp(mu, a, b) - mu
-    u2 = torch.clamp(mu, a2, b2) - mu
-    quad = 0.5 * ((u - u2) / sigma) * ((u + u2) / sigma)
-    r_red = _scaled_log_diff_ndtr((a2 - mu) / sigma, (b2 - mu) / sigma)
-    r_z = _scaled_log_diff_ndtr((a - mu) / sigma, (b - mu) / sigma)
-    return torch.log(b - a) - torch.log(b2 - a2) + r_red - r_z + quad
+    with torch.no_grad():
+        return _chunked(_bmrs_u_core, mu, sigma, a, b, a2, b2)
 
 
 # --------------------------------------------------------------------------------------------
