@@ -461,6 +461,23 @@ def _op_in(node, names: set) -> bool:
     return name in names
 
 
+def _linear_core(node) -> Optional[nn.Linear]:
+    """The Linear whose internal matmul ``node`` is (a Linear on (N, T, D) inputs is traced as
+    view -> addmm -> view, and only the last view is the module's node), else None."""
+    from torch_pruning import ops
+
+    if node.type != ops.OPTYPE.ELEMENTWISE or _op_name(node) not in ("addmm", "mm", "matmul", "bmm"):
+        return None
+    if len(node.outputs) != 1 or not isinstance(node.outputs[0].module, nn.Linear):
+        return None
+    linear = node.outputs[0].module
+    operands = {id(getattr(f, "variable", None)) for f, _ in node.grad_fn.next_functions if f is not None}
+    weights = {id(p) for p in linear.parameters()}
+    # the matmul of this Linear reads its own weight (through a transpose node) or bias
+    uses_own = bool(operands & weights) or any(_only_params(n, weights) for n in node.inputs)
+    return linear if uses_own else None
+
+
 def _tp():
     import torch_pruning as tp
 
@@ -511,11 +528,17 @@ class _GraphCompactor:
             if remove:
                 root = group[0].dep
                 plans.append((root.target.module, root.handler, remove))
-        for module, handler, remove in plans:
-            graph.get_pruning_group(module, handler, remove).prune()
-        for scale, site in scales.items():
-            self.layers[site]["width"] = scale.scale.numel()
-        self._fold(body, graph, scales, example_input)
+        try:
+            for module, handler, remove in plans:
+                graph.get_pruning_group(module, handler, remove).prune()
+            for scale, site in scales.items():
+                self.layers[site]["width"] = scale.scale.numel()
+            self._fold(body, graph, scales, example_input)
+        except RuntimeError as err:  # e.g. a per-channel buffer Torch-Pruning does not know
+            raise ValueError(
+                f"Torch-Pruning could not remove channels of this {type(net).__name__} consistently "
+                f"({err}); keep such layers unpruned or compact a simpler backbone"
+            ) from err
         return body
 
     def _removable(self, graph, group, scales: dict) -> list[int]:
@@ -545,8 +568,13 @@ class _GraphCompactor:
                 pass
             elif node.type in (ops.OPTYPE.RESHAPE, ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT):
                 pass
-            elif _op_in(node, _CHANNELWISE_OPS | {"t"}):
+            elif _linear_core(node) is not None:
                 pass
+            elif _op_in(node, _CHANNELWISE_OPS) or (_op_in(node, {"t"}) and not node.inputs):
+                # (a transpose without data inputs is a Linear's own weight)
+                if any(f is None for f, _ in node.grad_fn.next_functions):
+                    return []  # a tensor without grad enters, maybe one entry per channel
+            
             else:
                 return []  # an op that mixes channels, or one we do not know: keep all
         if not consumers or not scale_roots:
@@ -581,7 +609,7 @@ class _GraphCompactor:
             node = graph.module2node.get(scale)
             if node is None or len(shapes.get(scale, ())) != 1:
                 continue
-            consumer, reshaped = _fold_target(node)
+            consumer, reshaped, pooled = _fold_target(node)
             if consumer is None or len(shapes.get(consumer, ())) != 1:
                 continue
             out_shape = shapes[scale][0][1]
@@ -589,15 +617,17 @@ class _GraphCompactor:
             c = scale.scale.numel()
             dim = scale.channel_dim if scale.channel_dim > 0 else len(out_shape) + scale.channel_dim
             index = torch.arange(c, device=scale.scale.device)
-            # Pooling and flatten treat dim 1 as channels; a factor on another dim is folded only
-            # straight into a Linear acting on that (last) dim.
+            # Pooling and flatten treat dim 1 as channels (flatten is channel-major); a factor on
+            # another dim is folded only into a Linear acting on that (last) dim, reached
+            # without pooling and with the shape unchanged.
             if isinstance(consumer, _CONV):
                 if dim != 1 or reshaped or consumer.groups != 1 or consumer.in_channels != c:
                     continue
                 columns, factor = index, scale.scale.data
             elif len(in_shape) == 2 and dim == 1 and in_shape[1] % c == 0:
                 columns, factor = _expand(index, scale.scale.data, in_shape[1] // c)
-            elif out_shape == in_shape and dim == len(out_shape) - 1 and not reshaped:
+            elif out_shape == in_shape and dim == len(out_shape) - 1 and in_shape[-1] == c and not pooled:
+                # (a Linear on (N, T, D) views its input as (N*T, D) inside: last dim unchanged)
                 columns, factor = index, scale.scale.data
             else:
                 continue
@@ -645,8 +675,12 @@ class _ZeroChannels:
 
     def at_input(self, consumer_node) -> set:
         own = {id(p) for p in consumer_node.module.parameters()}
+        inputs = []
+        for n in consumer_node.inputs:
+            # look through the Linear's own internal matmul (inputs of rank > 2)
+            inputs.extend(n.inputs if _linear_core(n) is consumer_node.module else [n])
         # A Linear's weight reaches it as a transpose node: not a data path.
-        data = [n for n in consumer_node.inputs if n.inputs or not _only_params(n, own)]
+        data = [n for n in inputs if not _only_params(n, own)]
         return self._all(data)
 
     def _all(self, nodes: list) -> set:
@@ -700,24 +734,27 @@ def _only_params(node, own_params: set) -> bool:
     return True
 
 
-def _fold_target(scale_node) -> tuple[Optional[nn.Module], bool]:
-    """The single Linear/Conv the Scale's output reaches through fold-safe ops, if any, and
-    whether a reshape lies on the way."""
+def _fold_target(scale_node) -> tuple[Optional[nn.Module], bool, bool]:
+    """The single Linear/Conv the Scale's output reaches through fold-safe ops (or None), and
+    whether a reshape and whether pooling lie on the way."""
     from torch_pruning import ops
 
-    node, reshaped = scale_node, False
+    node, reshaped, pooled = scale_node, False, False
     while True:
         if len(node.outputs) != 1:
-            return None, reshaped
+            return None, reshaped, pooled
         node = node.outputs[0]
         if isinstance(node.module, (nn.Linear,) + _CONV):
-            return node.module, reshaped
+            return node.module, reshaped, pooled
+        if _linear_core(node) is not None:
+            return _linear_core(node), reshaped, pooled
         if node.type == ops.OPTYPE.RESHAPE:
             reshaped = True
             continue
         if _op_in(node, _FOLD_PATH_OPS) and len(node.inputs) == 1:
+            pooled = pooled or _op_name(node) not in ("relu", "leakyrelu", "clone", "nativedropout")
             continue
-        return None, reshaped
+        return None, reshaped, pooled
 
 
 def _check_no_sample_sites(body: nn.Module, example_input: torch.Tensor) -> None:
@@ -841,6 +878,18 @@ def _stats(net, body, example_input, layers, notes, method, means) -> dict:
         "max_abs_diff": diff,
         "notes": list(notes),
     }
+
+
+def masked_dense(model: nn.Module, guide: Any = None) -> nn.Module:
+    """The masked network before compaction, without Pyro: a copy of the backbone in eval mode
+    whose noise layers are replaced by ``Scale(E[theta] * mask)`` (full width).
+
+    It computes the same function as the backbone in ``"mean"`` mode and is the fair dense
+    baseline for latency: no structure removed, no guide evaluated at every call.
+    """
+    net = _backbone(model)
+    _check_deterministic(net)
+    return _dense_copy(net, _posterior_means(net, guide))[0]
 
 
 def compression_stats(

@@ -244,6 +244,22 @@ def test_zoo_resnet_lenet_mlp():
         assert {s: i["width"] for s, i in c.stats["layers"].items()} == kept(model)
 
 
+def test_zoo_vit_mlp_units_go_heads_stay():
+    # Linear on (N, T, D) tokens: the MLP hidden units feed only fc2 and are removed; a head's
+    # factor multiplies a reshaped (N, heads, T, d) tensor that Torch-Pruning cannot couple to
+    # channels, so heads keep their width (still exact).
+    from bmrs_pyro.models import vit
+
+    x = torch.randn(3, 1, 8, 8)
+    model, guide = prepare(vit(depth=1, dim=16, heads=4, mlp_dim=24).net, x, 10, seed=15)
+    c = compact(model, guide, example_input=x)
+    torch.testing.assert_close(c(x), masked_output(model, x), atol=ATOL, rtol=0)
+    s = c.stats["layers"]
+    assert s["net.blocks.0.mlp.noise.theta"]["width"] == kept(model)["net.blocks.0.mlp.noise.theta"] < 24
+    assert s["net.blocks.0.mlp.noise.theta"]["folded"]
+    assert s["net.blocks.0.attn.head_noise.theta"]["width"] == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Placement cases and zero width
 # ---------------------------------------------------------------------------------------------
