@@ -70,6 +70,9 @@ from bmrs_pyro._special import (
 
 __all__ = ["TruncatedNormal", "TruncatedLogNormal", "LogUniform"]
 
+_NARROW_T, _NARROW_W = np.polynomial.legendre.leggauss(12)
+_NARROW_T = tuple(float(t) for t in (_NARROW_T + 1.0) / 2.0)
+_NARROW_W = tuple(float(w) for w in _NARROW_W / 2.0)
 _HALF_LOG_2PIE = 0.5 * math.log(2.0 * math.pi * math.e)
 _INSIDE = -1.0  # x < _INSIDE: loc is well inside the interval (beta' > 1, so Z >= 0.68)
 _SMALL_SCALE = 0.5  # below it Var[theta] uses the Peano-kernel integral (see module docstring)
@@ -136,11 +139,46 @@ def _log_expm1(d: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _outside_stats(x, w, s, sgn, bound):
-    """Offset form (x >= -1): z = bound - sgn * s * v, v on [0, w] with density ~ e^{-xv-v^2/2}.
+def _is_narrow(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The log-density -x v - v^2/2 varies by less than 1 over the interval: nearly uniform."""
+    return w * (x.abs() + w) <= 1.0
 
-    Returns mean, variance, entropy of z and log Z.
+
+def _narrow_weights(x, w):
+    """Gauss-Legendre nodes v and normalised weights p of the density ~ e^{-xv - v^2/2} on [0, w].
+
+    The exponent is centred on its uniform average (h~ = h - mean h), so sums of p h~ and
+    log sum w e^{-h~} are small numbers formed without cancellation against large ones.
+    Also returns KL(q_v || Uniform(0, w)) = -(log S + E_q h~) >= 0, log S and mean h, where
+    S = sum w_i e^{-h~_i}.
     """
+    nodes = torch.tensor(_NARROW_T, dtype=x.dtype, device=x.device)
+    weights = torch.tensor(_NARROW_W, dtype=x.dtype, device=x.device)
+    v = w.unsqueeze(-1) * nodes
+    h = v * (x.unsqueeze(-1) + 0.5 * v)
+    h_bar = (weights * h).sum(-1, keepdim=True)
+    h_tilde = h - h_bar
+    e = weights * torch.exp(-h_tilde)
+    total = e.sum(-1, keepdim=True)
+    p = e / total
+    log_s = torch.log(total.squeeze(-1))
+    kl = -(log_s + (p * h_tilde).sum(-1))
+    return v, p, torch.clamp(kl, min=0.0), log_s, h_bar.squeeze(-1)
+
+
+def _narrow_stats(x, w, s, sgn, bound, width):
+    """Offset form for a nearly uniform interval, by Gauss-Legendre quadrature in v."""
+    v, p, kl, log_s, h_bar = _narrow_weights(x, w)
+    m1 = (p * v).sum(-1)
+    var = (p * (v - m1.unsqueeze(-1)) ** 2).sum(-1)
+    entropy = torch.log(width) - kl
+    # log Z = log int_0^w phi(-x - v) dv = -x^2/2 - log sqrt(2 pi) + log(w e^{-mean h} S).
+    log_z = -0.5 * x * x - LOG_SQRT_2PI + torch.log(w) - h_bar + log_s
+    return bound - sgn * s * m1, s * s * var, entropy, log_z, kl
+
+
+def _wide_stats(x, w, s, sgn, bound, width):
+    """Offset form, closed form through the Mills gap g and u = 1 - x g."""
     d = log_ndtr_ratio_offset(x, w)  # log(Phi(-x-w)/Phi(-x)) <= 0
     ed = torch.exp(d)
     em = -torch.expm1(d)
@@ -151,12 +189,22 @@ def _outside_stats(x, w, s, sgn, bound):
     var = torch.clamp(var, min=0.0)
     lam = log_ndtr_upper_scaled(x)
     log1m = log1mexp_safe(d)
-    entropy_std = lam + log1m + x * m1 + 0.5 * (var + m1 * m1) + LOG_SQRT_2PI
+    entropy = torch.log(s) + lam + log1m + x * m1 + 0.5 * (var + m1 * m1) + LOG_SQRT_2PI
     log_z = lam - 0.5 * x * x + log1m
-    return bound - sgn * s * m1, s * s * var, torch.log(s) + entropy_std, log_z
+    return bound - sgn * s * m1, s * s * var, entropy, log_z, torch.log(width) - entropy
 
 
-def _inside_stats(a, b, s, sgn, loc):
+def _outside_stats(x, w, s, sgn, bound, width):
+    """Offset form (x >= -1): z = bound - sgn * s * v, v on [0, w] with density ~ e^{-xv-v^2/2}.
+
+    Returns mean, variance, entropy of z, log Z and KL(q || Uniform(low, high)).
+    """
+    return where_apply(
+        _is_narrow(x, w), _narrow_stats, _wide_stats, x, w, s, sgn, bound, width, n_out=5
+    )
+
+
+def _inside_stats(a, b, s, sgn, loc, width):
     """Textbook formulas, valid because b > 1 and a <= -b give Z >= 0.68 (no tiny ratios)."""
     log_z = log_diff_ndtr(a, b)
     ra = torch.exp(log_normal_pdf(a) - log_z)
@@ -165,8 +213,8 @@ def _inside_stats(a, b, s, sgn, loc):
     ara = torch.where(ra > 0, a * ra, 0.0)  # a may be ~ -1e10 where ra underflows to 0
     brb = b * rb
     var = torch.clamp(1.0 + ara - brb - m1 * m1, min=0.0)
-    entropy_std = log_z + _HALF_LOG_2PIE + 0.5 * (ara - brb)
-    return loc + sgn * s * m1, s * s * var, torch.log(s) + entropy_std, log_z
+    entropy = torch.log(s) + log_z + _HALF_LOG_2PIE + 0.5 * (ara - brb)
+    return loc + sgn * s * m1, s * s * var, entropy, log_z, torch.log(width) - entropy
 
 
 def _scaled_mass(y, w):
@@ -179,13 +227,40 @@ def _scaled_mass(y, w):
     return torch.where(pos, m_pos, m_neg)
 
 
-def _outside_mgf(x, w, s, sgn, bound):
+def _wide_mgf(x, w, s, sgn, bound):
     """(K(1), K(2) - 2K(1)) with K(t) = log E[exp(t z)], offset form."""
     c = sgn * s
     m0 = _scaled_mass(x, w)
     m1 = _scaled_mass(x + c, w)
     m2 = _scaled_mass(x + 2.0 * c, w)
     return bound + m1 - m0, (m2 - m1) - (m1 - m0)
+
+
+def _narrow_mgf(x, w, s, sgn, bound):
+    """(K(1), D) for a nearly uniform q on a short interval, by quadrature in v.
+
+    K(t) = E[z] + log E[e^{t (z - E z)}]; the centred exponentials are summed as
+    1 + sum p expm1(.), so D ~ Var[z] (tiny here) keeps its digits.
+    """
+    v, p, _, _, _ = _narrow_weights(x, w)
+    m1 = (p * v).sum(-1)
+    y = -(sgn * s).unsqueeze(-1) * (v - m1.unsqueeze(-1))  # t = 1: z - E z at the nodes
+    k1c = torch.log1p((p * torch.expm1(y)).sum(-1))
+    k2c = torch.log1p((p * torch.expm1(2.0 * y)).sum(-1))
+    return bound - sgn * s * m1 + k1c, k2c - 2.0 * k1c
+
+
+def _outside_mgf(x, w, s, sgn, bound):
+    """(K(1), D) in the offset form; quadrature when q is nearly uniform on a short interval."""
+    narrow = _is_narrow(x, w) & (s * w <= 0.5)
+    return where_apply(narrow, _narrow_mgf, _wide_mgf, x, w, s, sgn, bound, n_out=2)
+
+
+def _inside_mgf_flipped(a, b, s, sgn, loc):
+    """_inside_mgf from the flipped-frame bounds (alpha, beta) = sgn * (a, b) sorted."""
+    alpha = torch.where(sgn > 0, a, -b)
+    beta = torch.where(sgn > 0, b, -a)
+    return _inside_mgf(alpha, beta, s, loc)
 
 
 def _inside_mgf(alpha, beta, s, loc):
@@ -342,29 +417,22 @@ class _Core:
         return _piecewise(self.outside.expand(shape), f_out, f_in, args, n_results)
 
     @lazy_property
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean, variance, entropy, log Z) of z."""
-        return self._split(_outside_stats, _inside_stats, 4)
+    def stats(self) -> tuple[torch.Tensor, ...]:
+        """(mean, variance, entropy, log Z, KL to the uniform on [low, high]) of z."""
+        width = self.high - self.low
+        mean, *rest = self._split(_outside_stats, _inside_stats, 5, (width,), (width,))
+        return (torch.minimum(torch.maximum(mean, self.low), self.high), *rest)
 
     @lazy_property
     def mgf(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(K(1), D) with K(t) = log E[e^{tz}] and D = K(2) - 2K(1) + K(0)."""
-        mask = self.outside
-        alpha_in = torch.where(mask, -3.0, self.alpha)
-        beta_in = torch.where(mask, 3.0, self.beta)
-        args = (self.x, self.w, self.scale, self.sgn, self.bound, alpha_in, beta_in, self.loc)
-
-        def f_out(x, w, s, sgn, bound, al, be, loc):
-            return _outside_mgf(x, w, s, sgn, bound)
-
-        def f_in(x, w, s, sgn, bound, al, be, loc):
-            return _inside_mgf(al, be, s, loc)
-
-        k1, d_direct = _piecewise(mask, f_out, f_in, args, 2)
+        k1, d_direct = self._split(_outside_mgf, _inside_mgf_flipped, 2)
         small = self.scale < _SMALL_SCALE
         if bool(small.any()):
             d_small = self._peano_d(small)
             d_direct = torch.where(small, d_small, d_direct)
+        # E[theta] lies in [e^low, e^high]; rounding must not push it outside the support.
+        k1 = torch.minimum(torch.maximum(k1, self.low), self.high)
         return k1, torch.clamp(d_direct, min=0.0)
 
     def _peano_d(self, small: torch.Tensor) -> torch.Tensor:
@@ -574,7 +642,7 @@ class TruncatedLogNormal(TorchDistribution):
         return self._tn._out(torch.exp(-0.5 * _log_expm1(torch.clamp(d, min=1e-300))))
 
     def entropy(self) -> torch.Tensor:
-        mean_z, _, entropy_z, _ = self._tn._core.stats
+        mean_z, _, entropy_z = self._tn._core.stats[:3]
         return self._tn._out(entropy_z + mean_z)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -709,9 +777,12 @@ class LogUniform(TorchDistribution):
 def _kl_tn_uniform_bounds(q: TruncatedNormal, p_low: torch.Tensor, p_high: torch.Tensor) -> torch.Tensor:
     """KL(q || Uniform(p_low, p_high)) on z = log(p_high - p_low) - H(q); +inf unless q's
     support [q.low, q.high] lies inside [p_low, p_high] (q then has mass where p has none)."""
-    entropy = q._core.stats[2]
+    # KL(q || U(q.low, q.high)) comes straight from the statistics (for a nearly uniform q it
+    # is a tiny positive number formed without cancellation); a wider p adds log(width ratio).
+    kl_self = q._core.stats[4]
     p_low, p_high = p_low.double(), p_high.double()
-    kl = torch.log(p_high - p_low) - entropy
+    q_width = q.high.double() - q.low.double()
+    kl = kl_self + (torch.log(p_high - p_low) - torch.log(q_width))
     inside = (q.low.double() >= p_low) & (q.high.double() <= p_high)
     return q._out(torch.where(inside, kl, math.inf))
 
