@@ -10,7 +10,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.utils import deep_getattr, deep_setattr
+from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam
 
 from .distributions import TruncatedLogNormal
@@ -18,6 +18,13 @@ from .nn import NOISE_SITE_KEY, MultiplicativeNoise
 
 LOG_SCALE_MIN = -20.0
 LOG_SCALE_MAX = 5.0
+
+
+def deep_getattr(obj, key: str):
+    """``obj.a.b.c`` for ``key="a.b.c"`` (the counterpart of Pyro's ``deep_setattr``)."""
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def is_noise_site(msg: dict) -> bool:

@@ -250,7 +250,12 @@ def fit(
                     if optimizer is None:
                         optimizer = torch.optim.Adam(params, lr=lr)
                 optimizer.zero_grad(set_to_none=True)
-                loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+                try:
+                    loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+                except ValueError as err:  # e.g. a distribution rejecting NaN logits
+                    if "nan" not in str(err).lower() and "invalid values" not in str(err):
+                        raise
+                    raise TrainingDivergedError(f"step {step}: non-finite values in the model: {err}") from err
                 if not torch.isfinite(loss_value):
                     raise TrainingDivergedError(_diagnose_nan(guide, step, loss_value))
                 loss_value.backward()
@@ -298,7 +303,7 @@ def _prune(model, guide, method: str, options: dict, epoch: int, history: Histor
 
 
 def _raw_param(store, name: str) -> torch.Tensor:
-    from pyro.infer.autoguide.utils import deep_getattr
+    from .guides import deep_getattr
 
     *path, leaf = name.split(".")
     module = deep_getattr(store, ".".join(path)) if path else store

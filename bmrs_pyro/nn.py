@@ -26,6 +26,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
+from pyro.poutine.indep_messenger import IndepMessenger
 
 NOISE_MODES = ("example", "global")
 PREDICT_MODES = ("sample", "mean")
@@ -116,10 +117,13 @@ class MultiplicativeNoise(PyroModule):
     @contextlib.contextmanager
     def site_context(self, batch_size: int) -> Iterator[None]:
         """Plates, scale and mask of the noise site; shared by the model and the guide."""
+        # Bare independence frames rather than pyro.plate: a plate records a subsample site, and an
+        # AutoGuideList master re-creates every plate it saw at its prototype batch size, which
+        # would clash with ours (and with smaller last batches).
         with contextlib.ExitStack() as stack:
             if self.noise == "example":
-                stack.enter_context(pyro.plate(f"{self.site_name}.examples", batch_size, dim=-2))
-            stack.enter_context(pyro.plate(f"{self.site_name}.structures", self.num_structures, dim=-1))
+                stack.enter_context(IndepMessenger(f"{self.site_name}.examples", batch_size, dim=-2))
+            stack.enter_context(IndepMessenger(f"{self.site_name}.structures", self.num_structures, dim=-1))
             stack.enter_context(poutine.scale(scale=self.kl_scale(batch_size)))
             if not bool(self.mask.all()):
                 stack.enter_context(poutine.mask(mask=self.mask.bool()))
