@@ -95,34 +95,33 @@ def _scaled_log_diff_ndtr(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     0-d and broadcast.
 
     Written for speed on millions of entries: only the vectorised ``erfc`` and ``log`` run on every
-    entry (the scalar ``erfcx`` only on those deep in a tail), branches are blended with exact 0/1
-    weights instead of ``torch.where`` (slow on unpredictable masks), and no transcendental sees a
-    zero, negative or underflowing argument (their slow paths).
+    entry (the scalar ``erfcx`` only on those deep in a tail), there are no data-dependent branches
+    (``torch.where`` is slow on unpredictable masks), and no transcendental sees a zero, negative or
+    underflowing argument (their slow paths).
     """
-    xl = lo.abs().mul_(_SQRT_HALF)
-    xh = hi.abs().mul_(_SQRT_HALF)
-    x_near = torch.minimum(xl, xh)  # e / sqrt 2 when both ends lie on one side of zero
-    # erfc(|x|/sqrt 2) = 2 Phi(-|x|). Capped at 26, where erfc nears the subnormal range: that
+    s_lo = torch.sign(lo)
+    s_hi = torch.sign(hi)
+    # erfc(|x|/sqrt 2) = 2 Phi(-|x|), capped at 26 where erfc nears the subnormal range: that
     # changes only values < 1e-295, negligible beside the terms they meet (far tails: see below).
-    el = torch.erfc(torch.clamp(xl, max=_ERFC_CAP))
-    eh = torch.erfc(torch.clamp(xh, max=_ERFC_CAP))
-    prod = lo * hi
-    same = (prod >= 0).to(lo.dtype)  # 1 where both ends lie on one side of zero, else 0
-    # Straddling zero: 2 (Phi(hi) - Phi(lo)) = 2 - el - eh; both tails <= 1, so no cancellation
-    # beyond the absolute rounding of 2. Same side: 2 (Phi(hi) - Phi(lo)) = |el - eh|, exact
-    # relative to itself as erfc is accurate down to 1e-295.
-    twice_mass = (el - eh).abs_().mul_(same)
-    twice_mass += (2.0 - el - eh).mul_(1.0 - same)
+    e_lo = torch.erfc(lo.abs().mul_(_SQRT_HALF).clamp_(max=_ERFC_CAP))
+    e_hi = torch.erfc(hi.abs().mul_(_SQRT_HALF).clamp_(max=_ERFC_CAP))
+    # 2 (Phi(hi) - Phi(lo)) = erf(hi/sqrt2) - erf(lo/sqrt2) with erf(x/sqrt2) = sign(x)(1 - e_x):
+    # (s_hi - s_lo) + (s_lo e_lo - s_hi e_hi). On one side of zero the first bracket is exactly 0
+    # and the second a difference of two tails, exact relative to itself; straddling zero it is
+    # 2 - e_lo - e_hi with both tails <= 1, so nothing cancels.
+    twice_mass = (s_hi - s_lo).add_(s_lo * e_lo).sub_(s_hi * e_hi)
+    e = lo.clamp(min=0.0).sub_(hi.clamp(max=0.0))  # distance from zero (at most one term is not 0)
     out = torch.log(twice_mass.clamp_(min=_TINY).mul_(0.5))
-    out += (x_near * x_near).mul_(same)
-    far = (x_near > _ERFC_SAFE) & (prod > 0)
+    out += (e * e).mul_(0.5)
+    far = e > _FAR
     if out.dim() == 0:
         if bool(far):
-            out = _far_tail(torch.maximum(xl, xh), x_near, hi - lo)
+            out = _far_tail(torch.maximum(lo.abs(), hi.abs()) * _SQRT_HALF, e * _SQRT_HALF, hi - lo)
     elif bool(far.any()):
         idx = far.nonzero().squeeze(1)
-        xl, xh = xl[idx], xh[idx]
-        out[idx] = _far_tail(torch.maximum(xl, xh), torch.minimum(xl, xh), hi[idx] - lo[idx])
+        lo, hi = lo[idx], hi[idx]
+        x_far = torch.maximum(lo.abs(), hi.abs()).mul_(_SQRT_HALF)
+        out[idx] = _far_tail(x_far, e[idx].mul_(_SQRT_HALF), hi - lo)
     return out
 
 
@@ -206,46 +205,48 @@ def _check_posterior(loc: torch.Tensor, scale: torch.Tensor, fn: str) -> None:
 # closed forms
 
 
-def _bmrs_n_core(mu, sigma, a, b, rl, rs) -> torch.Tensor:
+def _bmrs_n_const(a, b, rl, rs) -> torch.Tensor:
+    """The part of dF_N that does not depend on the posterior: log(b-a) - 0.5 log(2 pi) - log Zp~."""
+    return torch.log(b - a) - _HALF_LOG_2PI - _scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
+
+
+def _bmrs_n_core(mu, sigma, a, b, rl, rs, const) -> torch.Tensor:
     # h = sqrt(sigma^2 + sigma~^2) via hypot, and weights as squared ratios <= 1, so nothing
     # overflows or underflows for sigma ~ e^-20 .. e^5 against sigma~ ~ 1e-6.
     h = torch.hypot(sigma, rs)
-    w_p = torch.square(sigma / h)  # weight of mu~ in m
     r_q = rs / h
+    w_p = (sigma / h).square_()  # weight of mu~ in m
     w_q = r_q * r_q  # weight of mu in m
     s = sigma * r_q
     d = mu - rl
     dw_p = d * w_p  # mu - m
-    dw_q = d * w_q  # m - mu~
-    # m, and the ends of [a, b] relative to it, from whichever centre m is nearer: a shift of
-    # 1e-13 from mu~ = a would otherwise be lost rounding against a - mu, and with it log Z~.
-    near_rl = sigma > rs
+    dw_q = d.mul_(w_q)  # m - mu~
     a_mu = a - mu
     b_mu = b - mu
-    m = torch.where(near_rl, rl + dw_q, mu - dw_p)
-    a_m = torch.where(near_rl, (a - rl) - dw_q, a_mu + dw_p)
-    b_m = torch.where(near_rl, (b - rl) - dw_q, b_mu + dw_p)
-
-    # Distances from each Gaussian's centre to its nearest point of [a, b] (0 inside).
-    u = torch.clamp(mu, a, b).sub_(mu)
-    v = torch.clamp(rl, a, b) - rl
-    cm = torch.clamp(m, a, b)
-    m_in = cm == m
-    # cm - mu and cm - mu~, without cancellation when m is inside [a, b], and bit-identical to u
-    # (resp. v) when both are clamped to the same end (a posterior piled at a): the quadratic
-    # part below is then exactly zero instead of a difference of two ~1e18 numbers.
-    g = torch.where(m_in, -dw_p, cm - mu)
-    k = torch.where(m_in, dw_q, cm - rl)
+    a_rl = a - rl
+    b_rl = b - rl
+    # Ends of [a, b] relative to m = w_q mu + w_p mu~ as the same convex combination: accurate
+    # to rounding of the larger term, so a shift of 1e-13 of m from mu~ = a is not lost against
+    # a - mu (it would be, and log Z~ with it, if m were formed first).
+    a_m = (w_q * a_mu).add_(w_p * a_rl)
+    b_m = (w_q * b_mu).add_(w_p * b_rl)
+    # Offsets from mu and mu~ to the points of [a, b] nearest to them (u, v) and to m (g, k).
+    # Clamping the offsets, not the points, makes g bit-identical to u (and k to v) when both
+    # are clamped to the same end (a posterior piled at a): the quadratic part below is then
+    # exactly zero instead of a difference of two ~1e18 numbers.
+    u = a_mu.clamp(min=0.0).add_(b_mu.clamp(max=0.0))
+    v = a_rl.clamp(min=0.0) + b_rl.clamp(max=0.0)
+    g = torch.minimum(torch.maximum(-dw_p, a_mu), b_mu)
+    k = torch.minimum(torch.maximum(dw_q, a_rl), b_rl)
     # Quadratic parts: -(cm-m)^2/(2 s^2) + (c-mu)^2/(2 sigma^2) + (c~-mu~)^2/(2 sigma~^2)
-    # - d^2/(2 h^2), rewritten with (z-mu)^2/sigma^2 + (z-mu~)^2/sigma~^2 = (z-m)^2/s^2 + d^2/h^2
-    # at z = cm, as differences of squares.
-    quad = ((u - g).div_(sigma)).mul_((u + g).div_(sigma)).mul_(0.5)
-    quad += ((v - k).div_(rs)).mul_((v + k).div_(rs)).mul_(0.5)
+    # - d^2/(2 h^2) with cm, c, c~ the points of [a, b] nearest m, mu, mu~; rewritten with
+    # (z-mu)^2/sigma^2 + (z-mu~)^2/sigma~^2 = (z-m)^2/s^2 + d^2/h^2 at z = cm, as differences of
+    # squares.
+    quad = (u - g).div_(sigma).mul_((u + g).div_(sigma)).mul_(0.5)
+    quad += (v - k).div_(rs).mul_((v + k).div_(rs)).mul_(0.5)
 
     r_z = _scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
     r_zt = _scaled_log_diff_ndtr(a_m.div_(s), b_m.div_(s))
-    r_zp = _scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
-    const = torch.log(b - a) - _HALF_LOG_2PI - r_zp
     return quad.add_(r_zt).sub_(r_z).sub_(torch.log(h)).add_(const)
 
 
@@ -295,18 +296,21 @@ def delta_f_log_normal(
     if not _all((rs > 0) & torch.isfinite(rs)):
         raise ValueError(f"{fn}: reduced_scale must be finite and > 0")
     with torch.no_grad():
-        return _chunked(_bmrs_n_core, mu, sigma, a, b, rl, rs)
+        return _chunked(_bmrs_n_core, mu, sigma, a, b, rl, rs, _bmrs_n_const(a, b, rl, rs))
 
 
-def _bmrs_u_core(mu, sigma, a, b, a2, b2) -> torch.Tensor:
-    # The quadratic parts of the two normalisers cancel exactly when both intervals have the same
-    # nearest point to mu (e.g. a posterior piled at a with a' = a).
-    u = torch.clamp(mu, a, b).sub_(mu)
-    u2 = torch.clamp(mu, a2, b2).sub_(mu)
-    quad = ((u - u2).div_(sigma)).mul_((u + u2).div_(sigma)).mul_(0.5)
-    r_red = _scaled_log_diff_ndtr((a2 - mu).div_(sigma), (b2 - mu).div_(sigma))
-    r_z = _scaled_log_diff_ndtr((a - mu).div_(sigma), (b - mu).div_(sigma))
-    const = torch.log(b - a) - torch.log(b2 - a2)
+def _bmrs_u_core(mu, sigma, a, b, a2, b2, const) -> torch.Tensor:
+    a_mu = a - mu
+    b_mu = b - mu
+    a2_mu = a2 - mu
+    b2_mu = b2 - mu
+    # Offsets from mu to the nearest points of [a, b] and [a', b']. The quadratic parts of the two
+    # normalisers cancel exactly when both are the same end (a posterior piled at a, a' = a).
+    u = a_mu.clamp(min=0.0).add_(b_mu.clamp(max=0.0))
+    u2 = a2_mu.clamp(min=0.0).add_(b2_mu.clamp(max=0.0))
+    quad = (u - u2).div_(sigma).mul_((u + u2).div_(sigma)).mul_(0.5)
+    r_red = _scaled_log_diff_ndtr(a2_mu.div_(sigma), b2_mu.div_(sigma))
+    r_z = _scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
     return quad.add_(r_red).sub_(r_z).add_(const)
 
 
@@ -355,7 +359,8 @@ def delta_f_log_uniform(
             "bits_to_log_bound(8) = -5.545, so pass reduced_high when high is below that"
         )
     with torch.no_grad():
-        return _chunked(_bmrs_u_core, mu, sigma, a, b, a2, b2)
+        const = torch.log(b - a) - torch.log(b2 - a2)
+        return _chunked(_bmrs_u_core, mu, sigma, a, b, a2, b2, const)
 
 
 # --------------------------------------------------------------------------------------------
