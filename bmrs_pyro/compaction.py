@@ -18,11 +18,17 @@ BatchNorm, elementwise activations, pooling, dropout, flatten and noise layers i
 goes through Torch-Pruning's ``DependencyGraph`` (``method="graph"``, needs ``example_input`` to
 trace): every noise layer first becomes a :class:`Scale`, then channels are removed group by
 group, where a group is the set of layers Torch-Pruning couples through additions, reshapes and
-concatenations. **A channel of a coupled group is removed only if it is pruned in every noise
-layer of the group and every path into the group's consumers (the Linear/Conv layers that read
-it) passes through one of those noise layers via zero-preserving ops** (ReLU-like activations,
-pooling, reshapes, additions of such paths). Otherwise the whole group keeps its width: the
-result is still exact, only less compact.
+concatenations, and removing a channel removes it from every layer of its group.
+
+**Coupled channels.** A channel of a group is removed only if it is identically zero at the input
+of every Linear/Conv of the group that reads it, i.e. every path into such a layer ends in a noise
+layer pruning that channel, through zero-preserving ops only (ReLU-like activations, pooling,
+reshapes; for an addition, *every* summand). With an identity skip ``h0 + noise1(...)`` where
+``h0 = noise0(...)``, a channel goes only if it is pruned in both noise0 and noise1; a channel
+pruned in one of them stays everywhere (still exact, only less compact). Paths through
+BatchNorm, sigmoid, a constant or an op the analysis does not know keep the whole group. A
+graph-engine result may keep the model's own container classes (no noise layers, no sample
+sites).
 
 A layer pruned to zero width has an identically zero output. It is not an error: the compacted
 network keeps **one placeholder structure** whose folded factor is 0 (so the downstream layer

@@ -9,7 +9,7 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-from bmrs_pyro.compaction import CompactModel, Scale, compact, compression_stats
+from bmrs_pyro.compaction import CompactModel, Scale, compact, compression_stats, masked_dense
 from bmrs_pyro.guides import AutoTruncatedLogNormal
 from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier, noise_mode, noise_modules
 
@@ -138,6 +138,9 @@ def test_mlp_equivalence_widths_params_flops(method):
     assert c.stats["flops_before"] == 2 * 16 * (64 * 40 + 40 * 30 + 30 * 10)
     assert c.stats["flops_after"] == 2 * 16 * (64 * k1 + k1 * k2 + k2 * 10)
     assert c.stats["max_abs_diff"] < ATOL
+    dense = masked_dense(model, guide)
+    assert n_params(dense) == c.stats["params_before"] + 40 + 30  # + the two full-width Scales
+    torch.testing.assert_close(dense(x), masked_output(model, x), atol=ATOL, rtol=0)
 
 
 def test_mlp_folding_matches_hand_formula():
