@@ -9,8 +9,9 @@ Peak memory is the rise of the process' resident set size over its level just be
 calls, read from the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``, reset through
 ``/proc/self/clear_refs``); where that reset is unavailable it falls back to
 ``resource.getrusage`` (``ru_maxrss``), which can only under-report a rise below an earlier peak.
-The ``peak_memory_method`` field says which was used. No assertion on time: the machine may be
-shared, so compare medians.
+The ``peak_memory_method`` field says which was used. No assertion on time. The machine may be
+shared: the CPU-time medians (all threads of this process) and the load average put the wall
+times in context.
 
 Usage: ``python benchmarks/bmr_speed.py [--n 10000000] [--repeats 5] [--threads T]``.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -49,13 +51,15 @@ def _reset_peak() -> bool:
         return False
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of ``repeats`` calls."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> None:
@@ -87,8 +91,9 @@ def main() -> None:
 
     use_hwm = _reset_peak() and _rss_kib("VmHWM") is not None
     before = _rss_kib("VmRSS") if use_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t_n = _timed(run_n, args.repeats)
-    t_u = _timed(run_u, args.repeats)
+    load_before = os.getloadavg()[0]
+    t_n, cpu_n = _timed(run_n, args.repeats)
+    t_u, cpu_u = _timed(run_u, args.repeats)
     after = _rss_kib("VmHWM") if use_hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mb = max(0, after - before) / 1024.0
 
@@ -99,7 +104,11 @@ def main() -> None:
         "peak_memory_mb": round(peak_mb, 1),
         "peak_memory_method": "VmHWM-VmRSS (/proc)" if use_hwm else "ru_maxrss increase",
         "output_mb_each": round(args.n * 8 / 2**20, 1),
+        "bmrs_n_cpu_seconds": round(cpu_n, 4),
+        "bmrs_u_cpu_seconds": round(cpu_u, 4),
         "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(load_before, 2),
         "repeats": args.repeats,
         "all_finite": finite,
         "ns_per_structure_n": round(t_n / args.n * 1e9, 1),
