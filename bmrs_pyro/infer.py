@@ -15,6 +15,7 @@ from pyro.poutine.messenger import Messenger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .elbo import MeanFieldNoiseELBO
 from .nn import noise_mode, noise_modules, set_kl_weight
 
 Data = Union[tuple, DataLoader]
@@ -59,7 +60,17 @@ class ScaleObserved(Messenger):
             msg["scale"] = msg["scale"] * self.scale
 
 
-_ELBOS = {"meanfield": TraceMeanField_ELBO, "trace": Trace_ELBO}
+_ELBOS = {"meanfield": MeanFieldNoiseELBO, "trace": Trace_ELBO}
+
+
+def make_elbo(loss: str = "meanfield", num_particles: int = 1):
+    """The ELBO object for ``loss``: ``"meanfield"`` (analytic KL; our one-pass implementation,
+    or Pyro's ``TraceMeanField_ELBO`` for several particles) or ``"trace"`` (``Trace_ELBO``)."""
+    if loss not in _ELBOS:
+        raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
+    if loss == "meanfield" and num_particles != 1:
+        return TraceMeanField_ELBO(num_particles=num_particles)
+    return _ELBOS[loss](num_particles=num_particles)
 
 
 def minibatch_loss(
@@ -79,11 +90,9 @@ def minibatch_loss(
     the KL is analytic with ``loss="meanfield"`` and a Monte Carlo estimate with ``"trace"``.
     ``kl_weight`` (if given) is stored on the model's noise layers.
     """
-    if loss not in _ELBOS:
-        raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
     if kl_weight is not None and isinstance(model, torch.nn.Module):
         set_kl_weight(model, kl_weight)
-    elbo = elbo if elbo is not None else _ELBOS[loss]()
+    elbo = elbo if elbo is not None else make_elbo(loss)
     scale = dataset_size / x.shape[0]
 
     def scaled_model(x, y):
@@ -229,7 +238,7 @@ def fit(
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed + start_epoch)
     n = _dataset_size(train_data)
-    elbo = _ELBOS[loss](num_particles=num_particles)
+    elbo = make_elbo(loss, num_particles)
     history = history if history is not None else History()
 
     params = None

@@ -317,3 +317,52 @@ def test_fit_accepts_a_dataloader(noisy_mlp):
     hist = fit(model, guide, loader, epochs=2, progress=False)
     assert len(hist.loss) == 6
     assert set(noise_modules(model)) == {"noise.0.theta"}
+
+
+def test_one_pass_elbo_equals_tracemeanfield_value_and_gradients(noisy_mlp):
+    from bmrs_pyro.elbo import MeanFieldNoiseELBO
+
+    torch.manual_seed(2)
+    model = noisy_mlp((6, 5, 4, 3))
+    guide = AutoTruncatedLogNormal(model, init_loc=-0.7, init_scale=0.4)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    guide(x, y)
+    model.noise[1].mask[1] = 0.0  # a pruned structure must be left out of the KL by both
+    params = [p for p in list(model.parameters()) + list(guide.parameters())]
+    results = []
+    for elbo in (MeanFieldNoiseELBO(), TraceMeanField_ELBO()):
+        pyro.set_rng_seed(11)
+        loss = elbo.differentiable_loss(model, guide, x, y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((loss, grads))
+    (l1, g1), (l2, g2) = results
+    assert l1.item() == pytest.approx(l2.item(), rel=1e-6)
+    for a, b in zip(g1, g2):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_elbo_falls_back_for_other_latent_sites():
+    from bmrs_pyro.elbo import MeanFieldNoiseELBO
+
+    class WithLatent(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.noise = MultiplicativeNoise(3)
+
+        def forward(self, x, y=None):
+            shift = pyro.sample("shift", pdist.Normal(0.0, 1.0))
+            mean = self.noise(x).sum(-1) + shift  # noise layers go outside the data plate
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", pdist.Normal(mean, 1.0), obs=y)
+
+    model = WithLatent()
+    guide = AutoGuideList(model)
+    guide.append(AutoTruncatedLogNormal(model))
+    guide.append(AutoNormal(hide_noise_sites(model)))
+    elbo = MeanFieldNoiseELBO()
+    x, y = torch.randn(4, 3), torch.randn(4)
+    assert torch.isfinite(elbo.differentiable_loss(model, guide, x, y))
+    assert elbo.used_fallback
