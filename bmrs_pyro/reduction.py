@@ -14,9 +14,14 @@ Numerics. For posteriors far outside ``[a, b]`` with tiny scales (``loc - a ~ -5
 ``scale ~ e^-20``) each log normaliser, ``log Z`` and ``log Z~``, is about ``-3e18`` while dF itself is
 a modest number, so subtracting them loses everything. We therefore split every
 ``log(Phi(hi) - Phi(lo)) = -e^2/2 + R`` where ``e`` is the distance of ``[lo, hi]`` from zero and
-``R`` is a moderate remainder computed through ``erfcx``, and combine the ``-e^2/2`` parts of all
-normalisers with the Gaussian exponent algebraically, as products of differences, before adding
-anything large. All arithmetic is float64 and the inputs broadcast.
+``R`` is a moderate remainder (through ``erfc``, and ``erfcx`` deep in the tails), and combine the
+``-e^2/2`` parts of all normalisers with the Gaussian exponent algebraically, as products of
+differences, before adding anything large. The closed forms agree with 60-digit mpmath to about
+1e-15 relative (3e-14 nats near dF = 0) over ``loc in [a-5, b+5]``, ``log scale in [-20, 5]``.
+
+Speed. All arithmetic is float64 and the inputs broadcast. Large inputs are evaluated in
+cache-sized chunks spread over ``torch.get_num_threads()`` worker threads: about 0.1 microsecond of
+CPU per structure, so 10^7 structures take about a second of CPU (``benchmarks/bmr_speed.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from typing import Union
 
 import torch
 from torch.distributions import Distribution, TransformedDistribution
-
 
 __all__ = [
     "bits_to_log_bound",
