@@ -178,6 +178,12 @@ class MultiplicativeNoise(PyroModule):
             theta = self.posterior_mean().to(x.dtype) * self.mask
             return x * self._broadcast(theta, x, dim)
         batch = x.shape[0]
+        if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
+            names = [f.name for f in pyro.poutine.runtime.get_plates()]
+            raise ValueError(
+                f"{self.site_name}: noise layers must be called outside pyro.plate (found {names}); "
+                "compute the network first, then open the data plate around the observation only"
+            )
         with self.site_context(batch):
             theta = pyro.sample(
                 self.site_name, self.prior(batch), infer={NOISE_SITE_KEY: True, "bmrs_layer": self}

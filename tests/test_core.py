@@ -125,6 +125,13 @@ def test_noise_bad_arguments(kwargs, match):
         MultiplicativeNoise(**kwargs)
 
 
+def test_noise_inside_a_plate_is_a_clear_error():
+    model = Wrap(MultiplicativeNoise(4))
+    with pytest.raises(ValueError, match="outside pyro.plate"):
+        with pyro.plate("data", 2):
+            model(torch.ones(2, 4))
+
+
 def test_noise_channel_dim_that_does_not_fit():
     model = Wrap(MultiplicativeNoise(4, channel_dim=1))
     with pytest.raises(ValueError, match="channel_dim"):
