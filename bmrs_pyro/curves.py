@@ -1,0 +1,308 @@
+"""Post-training pruning: accuracy-vs-compression curves, and the parameter count behind them.
+
+:func:`prune_curve` sweeps the fraction of structures removed by a criterion (ranking by its
+score), evaluates each pruned network and, for threshold-free methods (BMRS_N, BMRS_U, SNR), adds
+the method's own decision as a single ``stop_point``. :func:`count_parameters` counts the weights
+that survive a set of masks, i.e. the parameters of the physically compacted network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .criteria import NORM_TYPES, StructureLinks, example_input, get_criterion, structure_map
+from .infer import evaluate, fit
+from .nn import noise_modules
+from .pruner import reduce
+
+
+# ---------------------------------------------------------------- parameter count
+
+
+def _check_masks(layers: dict, masks: Optional[dict]) -> dict[str, torch.Tensor]:
+    if masks is None:
+        return {site: layer.mask.detach().cpu() > 0 for site, layer in layers.items()}
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise ValueError(f"masks name unknown noise sites {unknown}; sites: {list(layers)}")
+    out = {}
+    for site, layer in layers.items():
+        m = masks.get(site)
+        m = layer.mask.detach().cpu() if m is None else torch.as_tensor(m).detach().cpu()
+        if m.shape != (layer.num_structures,):
+            raise ValueError(f"mask for {site} has shape {tuple(m.shape)}; expected ({layer.num_structures},)")
+        out[site] = m > 0
+    return out
+
+
+def _count(model: nn.Module, links: dict[str, StructureLinks], keep: dict[str, torch.Tensor]) -> tuple[int, int]:
+    out_kept: dict[int, int] = {}  # id(module) -> kept output channels
+    in_removed: dict[int, int] = {}  # id(module) -> removed input columns
+    for site, link in links.items():
+        pruned = int((~keep[site]).sum())
+        if link.producer is not None:
+            out_kept[id(link.producer)] = link.layer.num_structures - pruned
+            for _, norm in link.norms:
+                out_kept[id(norm)] = link.layer.num_structures - pruned
+        if link.consumer is not None:
+            in_removed[id(link.consumer)] = in_removed.get(id(link.consumer), 0) + pruned * link.columns_per_structure
+    kept = total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            n = p.numel()
+            total += n
+            if id(module) not in out_kept and id(module) not in in_removed:
+                kept += n
+                continue
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and name == "weight":
+                rows, cols = p.shape[0], p.shape[1]
+                per_entry = n // (rows * cols)  # kernel size for convolutions
+                rows = out_kept.get(id(module), rows)
+                cols -= in_removed.get(id(module), 0)
+                kept += rows * cols * per_entry
+            elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd) + NORM_TYPES) and p.dim() == 1:
+                kept += out_kept.get(id(module), n)  # bias, BatchNorm weight and bias
+            else:
+                kept += n
+    return kept, total
+
+
+def count_parameters(model: nn.Module, masks: Optional[dict] = None, *, inputs=None) -> tuple[int, int]:
+    """Parameters of ``model`` that survive ``masks`` (default: the layers' current masks).
+
+    A pruned structure takes with it its incoming weights and bias (the producer's output row or
+    filter), the affine parameters of a BatchNorm between producer and noise layer, and its
+    outgoing weights in the next Linear/Conv (H*W input columns per channel after a
+    conv -> flatten -> linear transition); a weight between two pruned structures is counted once.
+    This is the parameter count of the physically compacted network. Only the model's own
+    parameters are counted (not the guide's mu and log sigma). The layers around each noise layer
+    are found by :func:`bmrs_pyro.criteria.structure_map` (Sequential-style backbones), traced on
+    ``inputs`` (``(args, kwargs)``) or on the inputs the attached guide has seen.
+
+    Returns ``(kept, total)``.
+    """
+    layers = noise_modules(model)
+    keep = _check_masks(layers, masks)
+    inputs = example_input(model) if inputs is None else inputs
+    return _count(model, structure_map(model, inputs), keep)
+
+
+# ---------------------------------------------------------------- curves
+
+
+@dataclass
+class CurvePoint:
+    """One pruned network: what was removed and how it scores.
+
+    ``fraction``: the requested fraction (None for a method's own stop point);
+    ``structures_removed`` and ``parameters_removed`` in %; ``accuracy`` and ``nll`` on the
+    evaluation data (after fine-tuning, when asked; ``accuracy_before_finetune`` then holds the
+    value before it); ``kept_per_layer``: ``{site: (kept, total)}``.
+    """
+
+    fraction: Optional[float]
+    structures_removed: float
+    parameters_removed: float
+    accuracy: float
+    nll: float
+    kept_per_layer: dict
+    accuracy_before_finetune: Optional[float] = None
+
+
+@dataclass
+class PruneCurve:
+    """An accuracy-vs-compression curve of one criterion (see :func:`prune_curve`)."""
+
+    criterion: str
+    options: dict
+    mode: str
+    baseline: dict
+    points: list = field(default_factory=list)
+    stop_point: Optional[CurvePoint] = None
+    num_structures: int = 0
+    num_parameters: int = 0
+    finetune_epochs: int = 0
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The sweep as arrays: fraction, structures_removed, parameters_removed, accuracy, nll."""
+        keys = ("fraction", "structures_removed", "parameters_removed", "accuracy", "nll")
+        return {k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys}
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict of the whole curve."""
+        return {
+            "criterion": self.criterion,
+            "options": {k: (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v))
+                        for k, v in self.options.items()},
+            "mode": self.mode,
+            "baseline": dict(self.baseline),
+            "num_structures": self.num_structures,
+            "num_parameters": self.num_parameters,
+            "finetune_epochs": self.finetune_epochs,
+            "points": [_point_dict(p) for p in self.points],
+            "stop_point": None if self.stop_point is None else _point_dict(self.stop_point),
+        }
+
+    def __str__(self) -> str:
+        head = f"{'fraction':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'accuracy':>8}  {'nll':>8}"
+        lines = [
+            f"prune_curve({self.criterion!r}, mode={self.mode!r}, finetune_epochs={self.finetune_epochs}): "
+            f"unpruned accuracy {self.baseline['accuracy']:.4f}",
+            head,
+            "-" * len(head),
+        ]
+        rows = [(f"{p.fraction:.3f}", p) for p in self.points]
+        if self.stop_point is not None:
+            rows.append(("stop", self.stop_point))
+        for tag, p in rows:
+            lines.append(
+                f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
+                f"{p.accuracy:>8.4f}  {p.nll:>8.4f}"
+            )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _point_dict(p: CurvePoint) -> dict:
+    d = asdict(p)
+    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
+    return d
+
+
+def default_fractions(num_structures: int) -> list[float]:
+    """0, 0.05, ..., 0.95, plus 1 - 1/S (all but one structure; ``min_keep`` then caps per layer)."""
+    fractions = [round(0.05 * i, 10) for i in range(20)]
+    guard = 1.0 - 1.0 / num_structures
+    if guard > fractions[-1]:
+        fractions.append(guard)
+    return fractions
+
+
+def _check_fractions(fractions: Sequence[float]) -> list[float]:
+    out = []
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"fractions must be numbers in [0, 1], got {f!r}")
+        out.append(float(f))
+    return sorted(set(out))
+
+
+def _snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def prune_curve(
+    model: nn.Module,
+    guide,
+    data,
+    criterion: str,
+    fractions: Optional[Sequence[float]] = None,
+    *,
+    finetune_epochs: int = 0,
+    train_data=None,
+    mode: str = "mean",
+    score_data=None,
+    finetune_options: Optional[dict] = None,
+    num_samples: int = 32,
+    **options,
+) -> PruneCurve:
+    """Sweep the share of structures removed by ``criterion`` and evaluate each pruned network.
+
+    For every ``f`` in ``fractions`` (default :func:`default_fractions`) the masks are set as by
+    ``reduce(model, guide, criterion, fraction=f, **options)`` starting from the current masks,
+    and ``evaluate(model, guide, data, mode)`` is recorded with the structures and parameters
+    removed (:func:`count_parameters`). Criteria with a rule of their own (``bmrs_n``, ``bmrs_u``,
+    ``snr``) also get their decision as ``stop_point``; pass ``fractions=()`` for it alone.
+
+    Args:
+        data: evaluation data ``(X, y)``.
+        finetune_epochs: if > 0, fine-tune each pruned network with :func:`bmrs_pyro.infer.fit` on
+            ``train_data`` for this many epochs (masks fixed, ``finetune_options`` passed to fit)
+            before evaluating; all weights and guide parameters are restored afterwards.
+        score_data: data for data-dependent criteria (``activation``); defaults to ``train_data``,
+            else ``data``.
+        **options: passed to :func:`bmrs_pyro.pruner.reduce` (``scope``, ``min_keep``,
+            ``respect_mask``, ``bits``, ...).
+
+    The model's masks (and, with fine-tuning, its weights) are restored at the end.
+    """
+    crit = get_criterion(criterion)
+    if mode not in ("mean", "sample"):
+        raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
+    if finetune_epochs > 0 and train_data is None:
+        raise ValueError("fine-tuning needs train_data=(X, y)")
+    if "fraction" in options:
+        raise ValueError("pass fractions=[...] (a list) to prune_curve, not fraction=")
+    layers = noise_modules(model)
+    if not layers:
+        raise ValueError("the model has no MultiplicativeNoise layer: nothing to prune")
+    num_structures = sum(layer.num_structures for layer in layers.values())
+    fractions = default_fractions(num_structures) if fractions is None else _check_fractions(fractions)
+    score_data = score_data if score_data is not None else (train_data if train_data is not None else data)
+    finetune_options = dict(finetune_options or {})
+    finetune_options.setdefault("progress", False)
+
+    links = structure_map(model, example_input(model, guide, data))
+    original_masks = {site: layer.mask.detach().clone() for site, layer in layers.items()}
+    kl_weights = {site: layer.kl_weight for site, layer in layers.items()}
+    snapshots = (_snapshot(model), _snapshot(guide)) if finetune_epochs > 0 else None
+    _, num_parameters = _count(model, links, _check_masks(layers, None))
+
+    def restore() -> None:
+        if snapshots is not None:
+            model.load_state_dict(snapshots[0])
+            guide.load_state_dict(snapshots[1])
+        with torch.no_grad():
+            for site, layer in layers.items():
+                layer.mask.copy_(original_masks[site])
+                layer.kl_weight = kl_weights[site]
+
+    def point(fraction: Optional[float]) -> CurvePoint:
+        result = reduce(model, guide, crit, fraction=fraction, data=score_data, **options)
+        result.apply()
+        kept, total = _count(model, links, result.keep)
+        before = None
+        if finetune_epochs > 0:
+            before = evaluate(model, guide, data, mode, num_samples=num_samples)["accuracy"]
+            fit(model, guide, train_data, epochs=finetune_epochs, **finetune_options)
+        metrics = evaluate(model, guide, data, mode, num_samples=num_samples)
+        restore()
+        return CurvePoint(
+            fraction=fraction,
+            structures_removed=100.0 * result.fraction_removed,
+            parameters_removed=100.0 * (1.0 - kept / total) if total else 0.0,
+            accuracy=metrics["accuracy"],
+            nll=metrics["nll"],
+            kept_per_layer=dict(result.kept_per_layer),
+            accuracy_before_finetune=before,
+        )
+
+    try:
+        baseline = evaluate(model, guide, data, mode, num_samples=num_samples)
+        points = [point(f) for f in fractions]
+        stop = point(None) if crit.has_rule else None
+    finally:
+        restore()
+    return PruneCurve(
+        criterion=crit.name,
+        options=dict(options),
+        mode=mode,
+        baseline=baseline,
+        points=points,
+        stop_point=stop,
+        num_structures=num_structures,
+        num_parameters=num_parameters,
+        finetune_epochs=finetune_epochs,
+    )
+
+
+__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "default_fractions", "prune_curve"]
+
