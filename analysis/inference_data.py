@@ -98,7 +98,8 @@ def posterior_draws(guide: Any, num_samples: int, seed: int = 0) -> dict[str, to
     guide = noise_guide(guide)
     num_samples = _check_positive_int("num_samples", num_samples)
     out = {}
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    device = next(iter(guide.layers.values())).mask.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         for site in guide.site_names:
             out[site] = guide.posterior(site).sample((num_samples,)).detach().cpu().double()
@@ -122,18 +123,24 @@ def pointwise_log_likelihood(
     draws: Mapping[str, torch.Tensor],
     *,
     obs_site: str = "obs",
-    max_rows: int = 16384,
+    max_rows: int = 4096,
+    seed: int = 0,
 ) -> np.ndarray:
     """log p(y_i | x_i, theta_s) as a (draws, N) array, for the given draws of every noise site.
 
     The model runs in ``"sample"`` mode with each noise site conditioned on draw s for every
     example (so draw s is one network) and the layers' current masks. Other latent sites
     (Bayesian weights) are replayed from one guide trace per draw. Modules are put in eval mode
-    for the call (BatchNorm running statistics, no dropout) and restored afterwards.
+    for the call (BatchNorm running statistics, no dropout) and restored afterwards. With
+    per-example noise several draws run as one batch of at most ``max_rows`` rows. ``seed``
+    seeds the guide's draws of other latent sites; the global random state is left alone.
     """
     x, y = _check_data(data)
+    max_rows = _check_positive_int("max_rows", max_rows)
     ng = noise_guide(guide)
     layers = ng.layers
+    device = next(iter(layers.values())).mask.device
+    x, y = x.to(device), y.to(device)
     if set(draws) != set(layers):
         raise ValueError(f"draws cover sites {sorted(draws)} but the guide has {sorted(layers)}")
     num = {s.shape[0] for s in draws.values()}
@@ -143,8 +150,10 @@ def pointwise_log_likelihood(
     was_training = model.training if isinstance(model, torch.nn.Module) else None
     if was_training is not None:
         model.eval()
+    rng_devices = [device] if device.type == "cuda" else []
     try:
-        with noise_mode(model, "sample"):
+        with noise_mode(model, "sample"), torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
             others = _other_latents(model, x, y)
             if others or any(layer.noise != "example" for layer in layers.values()):
                 rows = [_loglik_one_draw(model, guide, x, y, draws, layers, d, others, obs_site, max_rows)
@@ -287,6 +296,7 @@ def to_inference_data(
     seed: int = 0,
     log_likelihood_draws: Optional[int] = None,
     obs_site: str = "obs",
+    max_rows: int = 4096,
 ) -> az.InferenceData:
     """Convert a fitted multiplicative-noise model and its guide to :class:`arviz.InferenceData`.
 
@@ -301,6 +311,8 @@ def to_inference_data(
         seed: seeds the draws (the global random state is left as it was).
         log_likelihood_draws: how many of the draws enter the log likelihood (default all).
         obs_site: the model's observation site.
+        max_rows: rows per forward pass of the log likelihood (draws x examples); lower it for
+            large inputs.
 
     The layout is in this module's docstring.
     """
@@ -331,7 +343,8 @@ def to_inference_data(
         if k > num_samples:
             raise ValueError(f"log_likelihood_draws ({k}) cannot exceed num_samples ({num_samples})")
         subset = {s: d[:k] for s, d in draws.items()}
-        loglik = pointwise_log_likelihood(model, guide, (x, y), subset, obs_site=obs_site)
+        loglik = pointwise_log_likelihood(model, guide, (x, y), subset, obs_site=obs_site, max_rows=max_rows,
+                                          seed=seed + 1)
         kwargs["log_likelihood"] = {obs_site: loglik[None]}
         kwargs["observed_data"] = {obs_site: y.detach().cpu().numpy()}
         dims[obs_site] = ["obs_dim"]
@@ -432,8 +445,8 @@ def history_from_idata(idata: az.InferenceData) -> Optional[dict]:
 # ---------------------------------------------------------------------------------- comparison
 
 
-def _log_lik_idata(model, guide, data, draws, obs_site: str) -> az.InferenceData:
-    loglik = pointwise_log_likelihood(model, guide, data, draws, obs_site=obs_site)
+def _log_lik_idata(model, guide, data, draws, obs_site: str, seed: int) -> az.InferenceData:
+    loglik = pointwise_log_likelihood(model, guide, data, draws, obs_site=obs_site, seed=seed)
     posterior = {var_name(s): d.numpy()[None] for s, d in draws.items()}
     return az.from_dict(
         posterior=posterior, log_likelihood={obs_site: loglik[None]},
@@ -474,14 +487,14 @@ def compare_pruned(
         with torch.no_grad():
             for layer in layers.values():
                 layer.mask.fill_(1.0)
-            models["unpruned"] = _log_lik_idata(model, guide, data, draws, obs_site)
+            models["unpruned"] = _log_lik_idata(model, guide, data, draws, obs_site, seed + 1)
             for label, result in reductions.items():
                 for site, layer in layers.items():
                     layer.mask.copy_(keep_mask(result, site).to(layer.mask) if site in result.keep else torch.ones_like(layer.mask))
                 name = "pruned" if len(reductions) == 1 else label
                 if name == "unpruned":
                     raise ValueError("a reduction may not be labelled 'unpruned'")
-                models[name] = _log_lik_idata(model, guide, data, draws, obs_site)
+                models[name] = _log_lik_idata(model, guide, data, draws, obs_site, seed + 1)
     finally:
         with torch.no_grad():
             for site, layer in layers.items():

@@ -25,7 +25,7 @@ from bmrs_pyro.distributions import TruncatedNormal
 from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
 
 from .palette import KEPT, NEUTRAL, OKABE_ITO, PRUNED, method_colour
-from .sources import as_reductions, is_delta_f_method, keep_mask, kept_total, posteriors, scores_of
+from .sources import SavedReduction, as_reductions, is_delta_f_method, keep_mask, kept_total, masks, posteriors, scores_of
 
 __all__ = [
     "plot_posterior_forest",
@@ -87,14 +87,10 @@ def plot_posterior_forest(
     qs = posteriors(source)
     reductions = as_reductions(reduction, "plot_posterior_forest")
     if not reductions:
-        from .sources import masks
-
         try:
             current = masks(source)
         except ValueError:
             current = {s: torch.ones(q.loc.numel(), dtype=torch.bool) for s, q in qs.items()}
-        from .sources import SavedReduction
-
         reductions = {"current mask": SavedReduction("mask", {}, current)}
     sites = list(sites) if sites is not None else list(qs)
     missing = [s for s in sites if s not in qs]
@@ -321,7 +317,8 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
         ax.set_title(short_site(site), fontsize=10)
         ax.set_xlabel(r"E$_q$[$\theta$]")
         ax.set_ylabel("structures")
-        ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+        # Outside, right: inside it would hide whichever bars are tallest.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(r"Posterior mean E[$\theta$] before and after pruning")
     return fig
 
@@ -366,11 +363,14 @@ def plot_elbo(history: Any) -> Figure:
     epochs = np.arange(1, elbo.size + 1)
     ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5, label="ELBO")
     prunes = [e for e in events if isinstance(e, Mapping) and e.get("event", "prune") == "prune" and "epoch" in e]
+    shown = 0.0
     for j, event in enumerate(prunes):
         removed = event.get("fraction_removed")
         ax.axvline(int(event["epoch"]) + 1, color=PRUNED, linestyle=":", linewidth=1.2,
                    label=None if j else f"pruning ({event.get('method', 'reduce')})")
-        if removed is not None:
+        # Label only changes, so pruning every epoch does not print a wall of equal numbers.
+        if removed is not None and round(100 * float(removed)) != round(100 * shown):
+            shown = float(removed)
             ax.annotate(f"{100 * float(removed):.0f}%", (int(event["epoch"]) + 1, 0.97), xycoords=("data", "axes fraction"),
                         fontsize=7, color=PRUNED, ha="center", va="top",
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})

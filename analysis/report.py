@@ -88,8 +88,9 @@ def _density_choice(reductions: Mapping[str, Any]) -> Optional[tuple[str, str, l
         if best is None:
             continue
         _, site, df, finite = best
-        picks = [finite[np.argmin(df[finite])], finite[np.argmin(np.abs(df[finite]))], finite[np.argmax(df[finite])]]
-        indices = list(dict.fromkeys(int(i) for i in picks))
+        order = finite[np.argsort(df[finite], kind="stable")]
+        picks = [order[0], finite[np.argmin(np.abs(df[finite]))], order[-1], order[order.size // 2]]
+        indices = list(dict.fromkeys(int(i) for i in picks))[:3]
         return label, site, indices
     return None
 

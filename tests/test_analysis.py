@@ -206,6 +206,37 @@ def test_log_likelihood_matches_hand_written_network(digits, noise):
         expected = hand_log_lik(model, thetas, x, y)
         np.testing.assert_allclose(ll.values[0, s], expected.detach().numpy(), atol=1e-4)
     assert model.net[2].mode == "sample" and model.net[2].mask[1] == 0  # state untouched
+    # small forward passes (chunks of data and of draws) give the same numbers
+    chunked = to_inference_data(model, guide, num_samples=30, data=(x, y), log_likelihood_draws=12, max_rows=25)
+    np.testing.assert_allclose(chunked.log_likelihood["obs"].values, ll.values, atol=1e-5)
+
+
+def test_log_likelihood_replays_bayesian_weights(digits):
+    import pyro.distributions as dist
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+    from pyro.nn import PyroModule, PyroSample
+
+    from bmrs_pyro.guides import hide_noise_sites
+
+    torch.manual_seed(0)
+    out = PyroModule[torch.nn.Linear](8, 10)
+    out.weight = PyroSample(dist.Normal(0.0, 1.0).expand([10, 8]).to_event(2))
+    net = PyroModule[torch.nn.Sequential](torch.nn.Linear(64, 8), torch.nn.Tanh(), MultiplicativeNoise(8), out)
+    model = NoisyClassifier(net)
+    guide = AutoGuideList(model)
+    guide.append(AutoTruncatedLogNormal(model))
+    guide.append(AutoNormal(hide_noise_sites(model), init_scale=1e-6))  # weights ~ their median
+    _, (x, y) = digits
+    x, y = x[:40], y[:40]
+    guide(x[:2], y[:2])
+    set_posterior(guide[0], "net.2.theta", torch.linspace(-2.0, -0.5, 8), torch.full((8,), 0.5))
+    idata = to_inference_data(model, guide, num_samples=6, data=(x, y))
+    weight = guide[1].median(x, y)["net.3.weight"].detach()
+    for s in range(6):
+        theta = torch.as_tensor(idata.posterior["net.2.theta"].values[0, s]).float()
+        h = torch.tanh(x @ net[0].weight.T + net[0].bias) * theta
+        expected = torch.log_softmax(h @ weight.T + out.bias, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        np.testing.assert_allclose(idata.log_likelihood["obs"].values[0, s], expected.detach().numpy(), atol=1e-3)
 
 
 def test_loo_waic_and_summary_run(digits):

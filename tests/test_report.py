@@ -182,6 +182,11 @@ def test_elbo_trace_marks_pruning_events():
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), history.elbo)
     assert [line.get_xdata()[0] for line in ax.lines[1:]] == [2, 4]  # epochs are 1-based on the axis
     assert legend_texts(ax) == ["ELBO", "pruning (bmrs_n)"]
+    assert [t.get_text() for t in ax.texts] == ["20%", "30%"]
+    # pruning every epoch without change: one line each, labels only where the fraction changes
+    same = [{"epoch": e, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.1 if e < 3 else 0.4} for e in range(5)]
+    ax = visible_axes(plots.plot_elbo({"elbo": history.elbo, "events": same}))[0]
+    assert len(ax.lines) == 6 and [t.get_text() for t in ax.texts] == ["10%", "40%"]
     assert len(visible_axes(plots.plot_elbo([-3.0, -2.0])) [0].lines) == 1
     with pytest.raises(ValueError, match="ELBO"):
         plots.plot_elbo([])
