@@ -172,7 +172,9 @@ def _chunked(core, *args: torch.Tensor) -> torch.Tensor:
         piece = [x if x.dim() == 0 else x[start:stop] for x in flat]
         piece[0] = piece[0].expand(stop - start)
         piece[1] = piece[1].expand(stop - start)
-        out[start:stop] = core(*piece)
+        # Grad mode is per thread: workers would otherwise record a graph for Parameters.
+        with torch.no_grad():
+            out[start:stop] = core(*piece)
 
     starts = range(0, n, chunk)
     workers = min(torch.get_num_threads(), len(starts))

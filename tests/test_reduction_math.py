@@ -531,3 +531,13 @@ def test_scalar_and_tensor_arguments_mix():
                                 for x in locs[::5000]])
     torch.testing.assert_close(mixed_u[::5000], one_by_one_u, rtol=0, atol=0)
     assert delta_f_log_normal(torch.zeros(0), 1.0).shape == (0,)
+
+
+def test_parameters_in_no_graph_out():
+    # Guide parameters come in requiring grad; the threaded chunks must not build a graph.
+    loc = torch.nn.Parameter(torch.full((70_000,), -10.0))
+    scale = torch.nn.Parameter(torch.full((70_000,), 0.5))
+    for out in (delta_f_log_normal(loc, scale), delta_f_log_uniform(loc, scale)):
+        assert not out.requires_grad and out.grad_fn is None and out.dtype == torch.float64
+    expected = float(delta_f_log_normal(-10.0, 0.5))
+    assert (delta_f_log_normal(loc, scale) == expected).all()
