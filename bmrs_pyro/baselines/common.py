@@ -1,0 +1,594 @@
+"""What every baseline pruning method shares: the interface, the result, the budget and the loops.
+
+A method is a :class:`PruningMethod`; its :meth:`~PruningMethod.run` takes a model builder and a
+:class:`~bmrs_pyro.data.DataSplits` and returns a :class:`MethodResult`. The loops the baselines
+share live here: a deterministic training loop over a zoo network whose noise layers are bypassed
+(E[theta] fixed at 1, "mean" mode, so the masks still work), accuracy, per-structure importances
+(activations, weight norms), masking by importance within each layer or globally, and the
+compression a set of masks gives (:func:`bmrs_pyro.curves.count_parameters`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pyro
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..criteria import StructureLinks, structure_map
+from ..curves import count_parameters
+from ..nn import MultiplicativeNoise, noise_modules, set_mode
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+ModelBuilder = Callable[[], nn.Module]
+
+
+# ---------------------------------------------------------------- budget, points, results
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training a method may spend; small defaults that run in seconds on digits.
+
+    Attributes:
+        epochs: training before any pruning (SVI epochs for the Bayesian methods).
+        finetune_epochs: fine-tuning after a one-shot pruning decision (each point of a swept
+            curve, and the method's own stopping point).
+        rounds: iterative methods: prune-retrain rounds (AIAP: attempts, accepted or not).
+        round_epochs: iterative methods: retraining epochs after each removal.
+        batch_size: minibatch size of every loop.
+        lr: Adam learning rate; ``None`` lets each method use its own default.
+    """
+
+    epochs: int = 20
+    finetune_epochs: int = 1
+    rounds: int = 6
+    round_epochs: int = 2
+    batch_size: int = 64
+    lr: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("finetune_epochs", "rounds", "round_epochs"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not self.lr > 0 or not math.isfinite(self.lr)):
+            raise ValueError(f"budget lr must be a positive number or None, got {self.lr!r}")
+
+    @classmethod
+    def coerce(cls, budget: "Budget | Mapping[str, Any] | None") -> "Budget":
+        """A Budget from ``None`` (defaults), a Budget, or a dict of its fields."""
+        if budget is None:
+            return cls()
+        if isinstance(budget, cls):
+            return budget
+        if isinstance(budget, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(budget) - known)
+            if unknown:
+                raise ValueError(f"unknown budget field(s) {unknown}; accepted: {sorted(known)}")
+            return cls(**budget)
+        raise ValueError(f"budget must be a Budget, a dict of its fields or None, got {type(budget).__name__}")
+
+    def lr_or(self, default: float) -> float:
+        """The budget's learning rate, or the method's ``default`` when none was given."""
+        return float(self.lr) if self.lr is not None else default
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass
+class Point:
+    """One pruned network on a curve.
+
+    ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
+    physically compacted network, :func:`bmrs_pyro.curves.count_parameters`); ``accuracy`` is on
+    the test split, ``val_accuracy`` on the validation split; ``step`` is the swept fraction or
+    the round number; ``kept_per_layer`` maps each noise site to ``(kept, total)``.
+    """
+
+    structures_removed: float
+    parameters_removed: float
+    accuracy: float
+    val_accuracy: Optional[float] = None
+    step: Any = None
+    kept_per_layer: dict = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """What a :class:`PruningMethod` run produced.
+
+    Attributes:
+        method: the method's registry name.
+        unpruned_accuracy, unpruned_val_accuracy: test / validation accuracy of the trained
+            network before any structure was removed.
+        curve: the accuracy-vs-compression points, in order of increasing compression (a swept
+            fraction, or the rounds of an iterative method).
+        stop: the method's own stopping point (its rule, or where its own criterion stops), or
+            None for ranking-only criteria that have no rule.
+        model: the final network, pruned at ``stop`` with its masks applied (the unpruned trained
+            network when ``stop`` is None).
+        wall_time: seconds the whole run took (training included).
+        num_structures, num_parameters: prunable structures and parameters of the unpruned network.
+        guide: the fitted guide, for the methods that have one (else None).
+        info: method-specific details (options used, thresholds, attempts, ...).
+    """
+
+    method: str
+    unpruned_accuracy: float
+    curve: list
+    stop: Optional[Point]
+    model: nn.Module
+    wall_time: float = 0.0
+    unpruned_val_accuracy: Optional[float] = None
+    num_structures: int = 0
+    num_parameters: int = 0
+    guide: Any = None
+    info: dict = field(default_factory=dict)
+
+    def as_arrays(self) -> dict[str, np.ndarray]:
+        """The curve as arrays: structures_removed, parameters_removed, accuracy, val_accuracy."""
+        keys = ("structures_removed", "parameters_removed", "accuracy", "val_accuracy")
+        return {k: np.array([np.nan if getattr(p, k) is None else getattr(p, k) for p in self.curve], dtype=float)
+                for k in keys}
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary (no model, no guide)."""
+        return {
+            "method": self.method,
+            "unpruned_accuracy": self.unpruned_accuracy,
+            "unpruned_val_accuracy": self.unpruned_val_accuracy,
+            "num_structures": self.num_structures,
+            "num_parameters": self.num_parameters,
+            "wall_time": self.wall_time,
+            "curve": [_point_dict(p) for p in self.curve],
+            "stop": None if self.stop is None else _point_dict(self.stop),
+            "info": {k: _jsonable(v) for k, v in self.info.items()},
+        }
+
+    def __str__(self) -> str:
+        head = f"{'step':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'test acc':>8}  {'val acc':>8}"
+        lines = [f"{self.method}: unpruned test accuracy {self.unpruned_accuracy:.4f}, "
+                 f"{self.wall_time:.1f} s", head, "-" * len(head)]
+        rows = [(p.step, p) for p in self.curve] + ([("stop", self.stop)] if self.stop is not None else [])
+        for tag, p in rows:
+            tag = f"{tag:.3f}" if isinstance(tag, float) else str(tag)
+            val = "" if p.val_accuracy is None else f"{p.val_accuracy:.4f}"
+            lines.append(f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
+                         f"{p.accuracy:>8.4f}  {val:>8}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _point_dict(p: Point) -> dict:
+    d = asdict(p)
+    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
+    d["step"] = _jsonable(p.step)
+    return d
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class PruningMethod:
+    """A structured-pruning method from the literature behind one interface.
+
+    Subclasses set ``name``, ``cite`` (the paper) and ``defaults`` (their options and default
+    values), document the paper and every deviation from it in their docstring, and implement
+    :meth:`_run`. :meth:`run` checks the arguments, seeds every generator, times the run and
+    fills in ``wall_time``.
+    """
+
+    name: str = ""
+    cite: str = ""
+    defaults: Mapping[str, Any] = {}
+
+    def run(self, model_builder: ModelBuilder, data, *, seed: int = 0,
+            budget: "Budget | Mapping[str, Any] | None" = None, **options: Any) -> MethodResult:
+        """Train, prune and evaluate a fresh model from ``model_builder`` on ``data``.
+
+        Args:
+            model_builder: ``model_builder()`` returns a fresh network, a
+                :class:`~bmrs_pyro.nn.NoisyClassifier` from the zoo (``lambda: mlp(64, 10)``).
+            data: a :class:`~bmrs_pyro.data.DataSplits` (``.train``, ``.val``, ``.test``).
+            seed: seeds torch, Pyro, NumPy and Python's ``random`` before the model is built.
+                The run uses a fresh Pyro param store; the caller's is restored afterwards.
+            budget: a :class:`Budget` (or a dict of its fields): epochs, rounds, batch size, lr.
+            **options: the method's own options (see its ``defaults``); others raise ValueError.
+        """
+        if not callable(model_builder):
+            raise ValueError("model_builder must be a callable returning a fresh model, e.g. lambda: mlp(64, 10)")
+        check_data(data)
+        _check_int("seed", seed, minimum=0)
+        budget = Budget.coerce(budget)
+        opts = self.check_options(options)
+        start = time.perf_counter()
+        # PyroModule parameters live in the global param store under their module names: a second
+        # run would silently start from the first one's values, so each run gets a fresh store and
+        # the caller's store comes back afterwards.
+        with pyro.get_param_store().scope():
+            seed_all(seed)
+            result = self._run(model_builder, data, seed, budget, opts)
+        result.wall_time = time.perf_counter() - start
+        result.info.setdefault("options", dict(opts))
+        result.info.setdefault("budget", asdict(budget))
+        return result
+
+    def check_options(self, options: Mapping[str, Any]) -> dict:
+        """``defaults`` updated by ``options``; an unknown name raises ValueError."""
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {unknown}; accepted: {sorted(self.defaults) or 'none'}")
+        merged = dict(self.defaults)
+        merged.update(options)
+        return merged
+
+    def _run(self, model_builder: ModelBuilder, data, seed: int, budget: Budget, options: dict) -> MethodResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def check_data(data) -> None:
+    """ValueError unless ``data`` has ``train``, ``val`` and ``test`` splits of (X, y) tensors."""
+    for split in ("train", "val", "test"):
+        pair = getattr(data, split, None)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(torch.is_tensor(t) for t in pair)):
+            raise ValueError(f"data needs a .{split} split (X, y) of tensors: pass bmrs_pyro.data.load(...)")
+        if pair[0].shape[0] == 0 or pair[0].shape[0] != pair[1].shape[0]:
+            raise ValueError(f"data.{split} is empty or X and y differ in length")
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch, Pyro, NumPy and ``random`` (Pyro's seeding covers all of them)."""
+    pyro.set_rng_seed(seed)
+
+
+# ---------------------------------------------------------------- the deterministic network
+
+
+def make_deterministic(model: nn.Module) -> dict[str, MultiplicativeNoise]:
+    """Bypass the noise of every noise layer: E[theta] fixed at 1, ``"mean"`` mode; masks still apply.
+
+    Returns the noise layers by site. Raises ValueError if the model has none (nothing to prune).
+    """
+    layers = noise_modules(model)
+    if not layers:
+        raise ValueError("the model has no MultiplicativeNoise layer: the baselines prune the structures "
+                         "those layers mark (build it from the zoo, bmrs_pyro.models)")
+    for layer in layers.values():
+        layer.set_posterior_mean(torch.ones(layer.num_structures))
+    set_mode(model, "mean")
+    return layers
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The network's logits (``model.logits`` for a NoisyClassifier, else ``model(x)``)."""
+    return model.logits(x) if hasattr(model, "logits") else model(x)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Pair, batch_size: int = 1024) -> float:
+    """Share of ``data`` classified right, in eval mode (BatchNorm on running statistics)."""
+    x, y = data
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for start in range(0, x.shape[0], batch_size):
+            out = logits(model, x[start:start + batch_size])
+            correct += int((out.argmax(-1) == y[start:start + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / x.shape[0]
+
+
+def train_network(
+    model: nn.Module,
+    data: Pair,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    penalty: Optional[Callable[[], torch.Tensor]] = None,
+    param_groups: Optional[list] = None,
+) -> list[float]:
+    """Train a deterministic network by Adam on the mean cross-entropy (+ ``penalty()``).
+
+    A fresh optimizer each call, so a round of an iterative method restarts its schedule.
+    ``param_groups`` overrides the default single group of all trainable parameters. Returns the
+    mean loss of every epoch.
+    """
+    _check_int("epochs", epochs, minimum=0)
+    params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
+    if epochs == 0 or not params:
+        return []
+    optimizer = torch.optim.Adam(params, lr=lr)
+    x, y = data
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=generator)
+        total, batches = 0.0, 0
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(logits(model, x[idx]), y[idx])
+            if penalty is not None:
+                loss = loss + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+        losses.append(total / batches)
+    model.eval()
+    return losses
+
+
+def snapshot(model: nn.Module) -> dict:
+    """A copy of the state dict (weights, BatchNorm statistics and the noise layers' masks)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def restore(model: nn.Module, state: dict) -> None:
+    """Load a :func:`snapshot` back."""
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- masks and compression
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per noise site, a bool tensor: True for structures still in the network."""
+    return {site: layer.mask.detach().cpu() > 0 for site, layer in noise_modules(model).items()}
+
+
+def set_masks(model: nn.Module, keep: Mapping[str, torch.Tensor]) -> None:
+    """Write ``keep`` (bool per structure) into the noise layers' masks."""
+    layers = noise_modules(model)
+    unknown = sorted(set(keep) - set(layers))
+    if unknown:
+        raise ValueError(f"masks name unknown noise sites {unknown}; sites: {list(layers)}")
+    with torch.no_grad():
+        for site, k in keep.items():
+            layers[site].mask.copy_(torch.as_tensor(k).to(layers[site].mask))
+
+
+def example_inputs(x: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a two-example batch for tracing (structure_map, count_parameters)."""
+    return (x[:2],), {}
+
+
+def links_of(model: nn.Module, x: torch.Tensor) -> dict[str, StructureLinks]:
+    """:func:`bmrs_pyro.criteria.structure_map` traced on a batch of ``x``; every site needs a producer."""
+    links = structure_map(model, example_inputs(x))
+    missing = [site for site, link in links.items() if link.producer is None]
+    if missing:
+        raise ValueError(f"no Linear/Conv layer produces the structures of {missing}; the baselines need "
+                         "Linear/Conv -> (norm) -> activation -> noise")
+    return links
+
+
+def compression(model: nn.Module, keep: Mapping[str, torch.Tensor], x: torch.Tensor) -> tuple[float, float]:
+    """(structures removed %, parameters removed %) of ``model`` pruned to ``keep``."""
+    kept, total = count_parameters(model, dict(keep), inputs=example_inputs(x))
+    n = sum(int(k.numel()) for k in keep.values())
+    removed = sum(int((~k.bool()).sum()) for k in keep.values())
+    return 100.0 * removed / n, 100.0 * (1.0 - kept / total)
+
+
+def total_parameters(model: nn.Module, x: torch.Tensor) -> int:
+    """Parameters of ``model`` with every structure kept (as :func:`compression` counts them)."""
+    ones = {site: torch.ones(layer.num_structures, dtype=torch.bool) for site, layer in noise_modules(model).items()}
+    return count_parameters(model, ones, inputs=example_inputs(x))[1]
+
+
+def make_point(model: nn.Module, data, *, step: Any = None, count_model: Optional[nn.Module] = None,
+               eval_model: Optional[nn.Module] = None) -> Point:
+    """Evaluate the masked ``model`` (test and validation) and count its compression.
+
+    ``count_model`` (same architecture, deterministic) is counted instead when ``model``'s weights
+    are not parameters (Bayesian weights); ``eval_model`` is evaluated instead of ``model``.
+    """
+    keep = get_masks(model)
+    s, p = compression(count_model if count_model is not None else model, keep, data.train[0])
+    target = eval_model if eval_model is not None else model
+    return Point(structures_removed=s, parameters_removed=p, accuracy=accuracy(target, data.test),
+                 val_accuracy=accuracy(target, data.val), step=step,
+                 kept_per_layer={site: (int(k.sum()), int(k.numel())) for site, k in keep.items()})
+
+
+def remove_lowest(importance: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
+                  counts: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Per site, remove the ``counts[site]`` least important structures still alive.
+
+    Ties keep the lower index first (stable order). Returns the new keep masks.
+    """
+    keep = {}
+    for site, imp in importance.items():
+        k = alive[site].clone().bool()
+        n = int(counts.get(site, 0))
+        if n > 0:
+            candidates = torch.nonzero(k).flatten()
+            order = candidates[torch.sort(imp[candidates].to(torch.float64), stable=True).indices]
+            k[order[:n]] = False
+        keep[site] = k
+    return keep
+
+
+def per_layer_counts(alive: Mapping[str, torch.Tensor], fraction: float, min_keep: int = 1) -> dict[str, int]:
+    """How many structures to remove per layer: ``floor(fraction * alive)``, leaving ``min_keep``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    counts = {}
+    for site, a in alive.items():
+        n_alive = int(a.sum())
+        counts[site] = max(0, min(math.floor(fraction * n_alive + 1e-9), n_alive - min(min_keep, n_alive)))
+    return counts
+
+
+def keep_global_fraction(importance: Mapping[str, torch.Tensor], fraction: float,
+                         min_keep: int = 1) -> dict[str, torch.Tensor]:
+    """Remove ``floor(fraction * S)`` structures of all layers together, least important first.
+
+    One global ranking (the importances must be comparable across layers); each layer keeps at
+    least ``min(min_keep, width)`` structures, so the count may fall short at high fractions.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    sites = list(importance)
+    flat = torch.cat([importance[s].detach().to(torch.float64).flatten() for s in sites])
+    owner = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(sites)])
+    room = [importance[s].numel() - min(min_keep, importance[s].numel()) for s in sites]
+    target = math.floor(fraction * flat.numel() + 1e-9)
+    removed = torch.zeros(flat.numel(), dtype=torch.bool)
+    count = 0
+    for idx in torch.sort(flat, stable=True).indices.tolist():
+        if count >= target:
+            break
+        g = int(owner[idx])
+        if room[g] > 0:
+            removed[idx] = True
+            room[g] -= 1
+            count += 1
+    keep, start = {}, 0
+    for s in sites:
+        n = importance[s].numel()
+        keep[s] = ~removed[start:start + n]
+        start += n
+    return keep
+
+
+def incoming_weight_norm(links: Mapping[str, StructureLinks], p: float = 2.0,
+                         weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Per site, the L``p`` norm of each structure's incoming weights (producer row or filter).
+
+    ``weights`` (site -> weight tensor) replaces the producers' own weights (e.g. posterior means).
+    The bias is not included.
+    """
+    out = {}
+    for site, link in links.items():
+        w = weights[site] if weights is not None else link.producer.weight
+        w = w.detach().to(torch.float64)
+        out[site] = w.reshape(w.shape[0], -1).norm(p=p, dim=1)
+    return out
+
+
+@torch.no_grad()
+def mean_activation(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Per site, the mean |output| of each structure of its noise layer over ``x`` (and positions).
+
+    The attention map with power p = 1 of Zhao, Jain & Zhao (2022), measured after the
+    activation, in eval mode. Masked structures score 0.
+    """
+    layers = noise_modules(model)
+    totals = {site: torch.zeros(layer.num_structures, dtype=torch.float64) for site, layer in layers.items()}
+    counts = {site: 0 for site in layers}
+    handles = []
+    for site, layer in layers.items():
+        def hook(mod, inputs, output, site=site):
+            dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
+            a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
+            totals[site] += a.sum(0)
+            counts[site] += a.shape[0]
+
+        handles.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            logits(model, x[start:start + batch_size])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {site: totals[site] / max(counts[site], 1) for site in layers}
+
+
+def last_within(points: Sequence[Point], baseline: float, tolerance: float) -> int:
+    """Index of the last point before the first whose validation accuracy falls more than
+    ``tolerance`` (accuracy points, i.e. percent) below ``baseline``; 0 if the first already does.
+    """
+    best = 0
+    for i, p in enumerate(points):
+        if p.val_accuracy is None:
+            raise ValueError("last_within needs validation accuracies on the points")
+        if 100.0 * (baseline - p.val_accuracy) > tolerance + 1e-9:
+            break
+        best = i
+    return best
+
+
+def build_deterministic(model_builder: ModelBuilder) -> nn.Module:
+    """A fresh model from ``model_builder`` with its noise bypassed (:func:`make_deterministic`)."""
+    model = model_builder()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model_builder() must return an nn.Module, got {type(model).__name__}")
+    make_deterministic(model)
+    return model
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy (noise layers keep their fixed E[theta] and masks)."""
+    return copy.deepcopy(model)
+
+
+__all__ = [
+    "Budget",
+    "MethodResult",
+    "Point",
+    "PruningMethod",
+    "accuracy",
+    "build_deterministic",
+    "check_data",
+    "clone",
+    "compression",
+    "example_inputs",
+    "get_masks",
+    "incoming_weight_norm",
+    "keep_global_fraction",
+    "last_within",
+    "links_of",
+    "logits",
+    "make_deterministic",
+    "make_point",
+    "mean_activation",
+    "per_layer_counts",
+    "remove_lowest",
+    "restore",
+    "seed_all",
+    "set_masks",
+    "snapshot",
+    "total_parameters",
+    "train_network",
+]
