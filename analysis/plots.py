@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from bmrs_pyro.distributions import TruncatedNormal
 from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
@@ -363,14 +362,14 @@ def plot_elbo(history: Any) -> Figure:
     epochs = np.arange(1, elbo.size + 1)
     ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5, label="ELBO")
     prunes = [e for e in events if isinstance(e, Mapping) and e.get("event", "prune") == "prune" and "epoch" in e]
-    shown = 0.0
+    shown, labelled = 0.0, 0
     for j, event in enumerate(prunes):
         removed = event.get("fraction_removed")
         ax.axvline(int(event["epoch"]) + 1, color=PRUNED, linestyle=":", linewidth=1.2,
                    label=None if j else f"pruning ({event.get('method', 'reduce')})")
         # Label only changes, so pruning every epoch does not print a wall of equal numbers.
         if removed is not None and round(100 * float(removed)) != round(100 * shown):
-            shown = float(removed)
+            shown, labelled = float(removed), labelled + 1
             ax.annotate(f"{100 * float(removed):.0f}%", (int(event["epoch"]) + 1, 0.97), xycoords=("data", "axes fraction"),
                         fontsize=7, color=PRUNED, ha="center", va="top",
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
@@ -379,7 +378,7 @@ def plot_elbo(history: Any) -> Figure:
         ax.set_yscale("symlog", linthresh=max(np.abs(finite).min(), 1e-12))
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats)")
-    ax.set_title("Training ELBO per epoch" + (" (% = structures removed)" if prunes else ""), fontsize=10)
+    ax.set_title("Training ELBO per epoch" + (" (% = structures removed)" if labelled else ""), fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     return fig

@@ -44,8 +44,8 @@ CAPTIONS: dict[str, str] = {
         "with dF >= 0 (shaded side) are removed; no threshold is tuned."
     ),
     "reduction_densities": (
-        "Prior, posterior and reduced prior of log theta for a clearly kept, a borderline and a "
-        "clearly pruned structure, with each dF."
+        "Prior, posterior and reduced prior of log theta for the structures with the lowest dF, the dF "
+        "closest to 0 and the highest dF (titles give the decision; legends give dF)."
     ),
     "e_theta_histograms": "Posterior means E[theta] of all structures before pruning and of the kept ones after.",
     "elbo": "Evidence lower bound per training epoch; dotted lines mark continuous-pruning steps.",
@@ -70,7 +70,7 @@ def _decisions(idata) -> dict[str, Any]:
 
 
 def _density_choice(reductions: Mapping[str, Any]) -> Optional[tuple[str, str, list[int]]]:
-    """(label, site, indices): a clearly kept, a borderline and a clearly pruned structure."""
+    """(label, site, indices): the structures with the lowest dF, the dF nearest 0 and the highest dF."""
     for label, result in reductions.items():
         if not is_delta_f_method(result.method) or not result.scores:
             continue

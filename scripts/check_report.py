@@ -120,6 +120,7 @@ def run_chromium(chromium: str, page: Path, extra: list[str], timeout: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", type=Path, help="run folder or report.html")
     parser.add_argument("--screenshot", type=Path, default=None, help="PNG path (default: next to the page)")
