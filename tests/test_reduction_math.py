@@ -319,6 +319,13 @@ def test_monte_carlo_batched_and_validated():
     torch.testing.assert_close(est, torch.zeros(3, dtype=torch.float64))  # p~ = p gives dF = 0
     with pytest.raises(ValueError, match="num_samples"):
         delta_f_monte_carlo(Uniform(lo, hi), Uniform(lo, hi), Uniform(lo, hi), 0)
+    # A theta-space posterior against a z-space prior: samples fall outside the prior's support.
+    with pytest.raises(ValueError, match="support"):
+        delta_f_monte_carlo(LogUniform(_f64(A), _f64(B)), Uniform(_f64(A), _f64(B)), Uniform(_f64(A), _f64(B)), 100)
+    # A reduced prior disjoint from the posterior gives dF = -inf, not an error.
+    far = delta_f_monte_carlo(Uniform(_f64(A), _f64(-10.0)), Uniform(_f64(A), _f64(B)),
+                              Uniform(_f64(-5.0), _f64(B)), 100)
+    assert float(far) == -math.inf
 
 
 # ---------------------------------------------------------------------------------------------
