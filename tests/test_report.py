@@ -213,6 +213,19 @@ def test_accuracy_compression_curves_and_stop_points():
         plots.plot_accuracy_compression(curves, x="flops")
 
 
+def test_accuracy_compression_reads_prune_curve_objects():
+    from bmrs_pyro.curves import CurvePoint, PruneCurve
+
+    point = lambda f, s, acc: CurvePoint(fraction=f, structures_removed=s, parameters_removed=s * 1.2,
+                                         accuracy=acc, nll=0.3, kept_per_layer={})
+    curve = PruneCurve(criterion="bmrs_n", options={}, mode="mean", baseline={"accuracy": 0.95},
+                       points=[point(0.5, 50.0, 0.8), point(0.0, 0.0, 0.95)], stop_point=point(None, 30.0, 0.94))
+    ax = visible_axes(plots.plot_accuracy_compression({"bmrs_n": curve}))[0]
+    np.testing.assert_allclose(ax.lines[1].get_xydata(), [[0.0, 95.0], [50.0, 80.0]])  # sorted by x
+    np.testing.assert_allclose(ax.lines[2].get_xydata(), [[30.0, 94.0]])
+    assert ax.lines[0].get_ydata()[0] == pytest.approx(95.0)
+
+
 def test_kept_width_bars_and_counts():
     fig = plots.plot_kept_width({"a.theta": (3, 10), "b.theta": (7, 7)})
     assert_labelled(fig)
