@@ -400,3 +400,34 @@ def test_masked_kl_is_gone_from_the_loss_value():
 
 
 
+
+
+def test_reduce_finds_the_noise_guide_inside_an_autoguidelist():
+    import pyro
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    from bmrs_pyro.guides import hide_noise_sites
+
+    class BayesNet(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = pyro.nn.PyroModule[nn.Linear](4, 3)
+            self.fc.weight = pyro.nn.PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([3, 4]).to_event(2))
+            self.noise = MultiplicativeNoise(3)
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x, y=None):
+            logits = self.out(self.noise(torch.tanh(self.fc(x))))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
+
+    model = BayesNet()
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(hide_noise_sites(model)))
+    guide.append(AutoTruncatedLogNormal(model))
+    guide(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    set_posterior(guide[1], "noise.theta", [-20.0, 0.0, 0.0], [0.0, -5.0, -5.0])
+    result = reduce(model, guide, "bmrs_n")
+    assert result.keep["noise.theta"].tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="AutoTruncatedLogNormal"):
+        reduce(model, guide[0], "bmrs_n")
