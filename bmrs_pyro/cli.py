@@ -1,0 +1,339 @@
+"""The ``bmrs`` command line: ``bmrs run`` trains and prunes, ``bmrs report`` rebuilds a report.
+
+Each subcommand is a :class:`Command`: a function that adds its arguments to a sub-parser and a
+handler ``handler(args) -> exit code``. :data:`COMMANDS` lists them and :func:`build_parser`
+registers them in that order, so a new subcommand is one more ``Command(...)`` entry (see the
+marked place near the end of this module). The work itself lives in :mod:`bmrs_pyro.runs`.
+
+Exit codes: 0 success, 2 bad input (unknown names, invalid numbers, unwritable or missing
+folders; the message goes to stderr, no traceback), 1 a failure during the run (e.g. training
+diverged), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .runs import DEFAULT_PRUNE_EVERY, RunConfig, parse_hidden
+
+PROG = "bmrs"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """Bad command-line input that argparse itself does not catch (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` declares its options, ``handler(args)`` runs it."""
+
+    name: str
+    help: str
+    description: str
+    epilog: str
+    add_arguments: Callable[[argparse.ArgumentParser, bool], None]
+    handler: Callable[[argparse.Namespace, Sequence[str]], int]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option, epilogs kept as written (they hold example commands)."""
+
+
+# ------------------------------------------------------------------------------ value parsers
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of structures to remove), got {text!r}")
+    return value
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        return parse_hidden(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# ------------------------------------------------------------------------------ bmrs run
+
+_RUN_EPILOG = """\
+examples:
+  bmrs run                                  digits, MLP 100-100 tanh, BMRS_N, continuous pruning
+  bmrs run --model lenet5 --epochs 50       LeNet-5 on digits
+  bmrs run --method bmrs_u --bits 4         BMRS_U with a 4-bit reduced prior
+  bmrs run --method l2 --fraction 0.5       remove the 50 %% lowest-L2 structures after training
+  bmrs run --data mnist --root ~/data --model lenet5 --device cuda
+  bmrs run --resume runs/digits-mlp-bmrs_n-20250101-120000 --epochs 400
+"""
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    from bmrs_pyro.models import MODELS
+
+    from .criteria import CRITERIA
+    from .data import DATASETS
+
+    d = RunConfig()
+
+    def default(value: Any) -> Any:
+        # With suppress=True only options given on the command line appear in the namespace:
+        # that is how --resume tells overrides from defaults.
+        return argparse.SUPPRESS if suppress else value
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", choices=DATASETS, default=default(d.data), help="data set")
+    g.add_argument("--root", default=default(d.root), help="folder holding the files of mnist, fashion_mnist, cifar10")
+    g.add_argument("--model", choices=list(MODELS), default=default(d.model), help="network")
+    g.add_argument("--hidden", type=_hidden, default=default("100,100" if not suppress else None),
+                   help="hidden widths of the mlp, comma-separated")
+    g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default=default(d.activation),
+                   help="activation of the mlp")
+
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", choices=list(CRITERIA), default=default(d.method),
+                   help="pruning criterion; bmrs_n, bmrs_u and snr decide by themselves, the others need --fraction")
+    g.add_argument("--fraction", type=_fraction, default=default(d.fraction),
+                   help="remove this share of structures, lowest-ranked first (post-training)")
+    g.add_argument("--bits", type=_nonneg_int, default=default(d.bits),
+                   help="bmrs_u: the reduced prior is log-uniform up to 2^-bits")
+    g.add_argument("--prune-every", type=_nonneg_int, default=default(d.prune_every),
+                   help=f"epochs between continuous-pruning steps; 0 = prune once after training. "
+                        f"None: {DEFAULT_PRUNE_EVERY} for bmrs_n/bmrs_u/snr, 0 with --fraction")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=default(d.epochs), help="training epochs")
+    g.add_argument("--lr", type=_positive_float, default=default(d.lr), help="Adam learning rate")
+    g.add_argument("--batch-size", type=_positive_int, default=default(d.batch_size), help="minibatch size")
+    g.add_argument("--kl-weight", type=_nonneg_float, default=default(d.kl_weight),
+                   help="weight of the KL term; 1 is the true ELBO")
+    g.add_argument("--finetune-epochs", type=_nonneg_int, default=default(d.finetune_epochs),
+                   help="epochs of training after the final reduction, masks frozen")
+    g.add_argument("--seed", type=_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
+    g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=default(d.output), help="folder that holds run folders")
+    g.add_argument("--name", default=default(d.name), help="run folder name; None: <data>-<model>-<method>-<time>")
+    g.add_argument("--resume", metavar="RUN_DIR", default=default(None),
+                   help="continue the run in RUN_DIR from its checkpoint (options from its config.json; "
+                        "--epochs, --finetune-epochs, --device, --quiet and --no-report may be changed)")
+    g.add_argument("--no-report", dest="report", action="store_false", default=default(True),
+                   help="skip figures and report.html")
+    g.add_argument("--quiet", action="store_true", default=default(False),
+                   help="no progress bars or stage lines (the summary table is still printed)")
+
+
+#: Options --resume may change; the others must match the run's config.json.
+_RESUME_MUTABLE = ("epochs", "finetune_epochs", "device", "quiet", "report")
+
+
+def _explicit_options(argv: Sequence[str]) -> dict:
+    """The ``run`` options given on the command line (not defaults)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} run", add_help=False)
+    _add_run_arguments(parser, suppress=True)
+    explicit, _ = parser.parse_known_args(list(argv))
+    return vars(explicit)
+
+
+def _run_config(args: argparse.Namespace, argv: Sequence[str]) -> tuple[RunConfig, Optional[Path]]:
+    explicit = _explicit_options(argv)
+    resume = explicit.pop("resume", None)
+    if resume is None:
+        import dataclasses
+
+        fields = {f.name for f in dataclasses.fields(RunConfig)}
+        values = {k: v for k, v in vars(args).items() if k in fields}
+        if args.model != "mlp" and "hidden" in explicit:
+            raise UsageError("--hidden applies to --model mlp only")
+        return RunConfig(**values), None
+    from .runs import read_run_config
+
+    run_dir = Path(resume)
+    saved = read_run_config(run_dir)
+    clash = {k: v for k, v in explicit.items() if k not in _RESUME_MUTABLE and v != getattr(saved, k)}
+    if "hidden" in clash and saved.hidden is not None and tuple(clash["hidden"]) == tuple(saved.hidden):
+        clash.pop("hidden")
+    if clash:
+        shown = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(clash))
+        raise UsageError(
+            f"--resume continues the run saved in {run_dir}; {shown} differ(s) from its config.json. "
+            f"Only {', '.join('--' + k.replace('_', '-') for k in _RESUME_MUTABLE[:3])}, --quiet and --no-report "
+            "may change; start a new run for other settings"
+        )
+    updates = {k: v for k, v in explicit.items() if k in _RESUME_MUTABLE}
+    import dataclasses
+
+    return dataclasses.replace(saved, **updates), run_dir
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``bmrs run``: train, prune, compact, write the run folder and print the summary."""
+    from .runs import execute, format_summary, stderr_log
+
+    config, resume_dir = _run_config(args, argv)
+    log = (lambda _msg: None) if config.quiet else stderr_log(PROG)
+    run_dir, metrics, _ = execute(config, run_dir=resume_dir, resume=resume_dir is not None, log=log,
+                                  progress=not config.quiet, argv=list(argv))
+    if config.report:
+        log("building the report")
+        from bmrs_pyro.analysis.report import build_report
+
+        build_report(run_dir)
+    print(format_summary(metrics, run_dir))
+    log(f"done in {metrics['seconds']:.1f} s: {run_dir}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ bmrs report
+
+_REPORT_EPILOG = """\
+example:
+  bmrs report runs/digits-mlp-bmrs_n-20250101-120000
+"""
+
+
+def _add_report_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `bmrs run`")
+    p.add_argument("--dpi", type=_positive_int, default=110, help="resolution of the figures")
+
+
+def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``bmrs report RUN_DIR``: rebuild ``figures/`` and ``report.html`` from a run folder."""
+    from bmrs_pyro.analysis.report import build_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
+    try:
+        out = build_report(run_dir, dpi=args.dpi)
+    except (OSError, KeyError, TypeError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        # A corrupt netCDF or metrics of the wrong shape: say which folder, not a traceback.
+        raise UsageError(f"{run_dir} is not a valid run folder ({type(err).__name__}: {err})") from None
+    print(out)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ registry
+
+COMMANDS: list[Command] = [
+    Command("run", "train, prune, compact and report one model",
+            "Train a multiplicative-noise network by SVI, prune it (continuous BMRS by default), "
+            "compact it and write runs/<name>/ (config, metrics, checkpoint, compacted model, "
+            "inference data, figures, report.html). Prints a before/after summary table.",
+            _RUN_EPILOG, _add_run_arguments, cmd_run),
+    Command("report", "rebuild the figures and report.html of a run folder",
+            "Render figures/*.png and a self-contained report.html from a run folder's config.json, "
+            "metrics.json and inference_data.nc.",
+            _REPORT_EPILOG, _add_report_arguments, cmd_report),
+    # `bmrs compare` goes here: Command("compare", ..., _add_compare_arguments, cmd_compare),
+    # with the reusable steps taken from bmrs_pyro.runs (build_experiment, train, final_reduction, ...).
+]
+
+_MAIN_EPILOG = """\
+examples:
+  bmrs run                      train and prune the default MLP on digits (about a minute on CPU)
+  bmrs run --help               every option of a run, with defaults
+  bmrs report runs/<name>       rebuild the report of a run
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bmrs`` parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_Formatter, epilog=_MAIN_EPILOG,
+        description="Bayesian structured pruning with Pyro and exact Bayesian model reduction (BMRS).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.description,
+                           epilog=command.epilog, formatter_class=_Formatter)
+        command.add_arguments(p, False)
+        p.set_defaults(func=command.handler)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``bmrs`` console script; returns the exit code (never raises SystemExit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version and argparse's own usage errors
+        return int(stop.code or 0) if isinstance(stop.code, int) or stop.code is None else EXIT_USAGE
+    handler = args.func
+    sub_argv = argv[argv.index(args.command) + 1:] if args.command in argv else argv
+    from .infer import TrainingDivergedError
+
+    try:
+        return handler(args, sub_argv)
+    except TrainingDivergedError as err:
+        _error(f"training diverged: {err}")
+        return EXIT_FAILURE
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        _error(str(err))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted; a run can be continued with `bmrs run --resume <run folder>`")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
