@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 
 from bmrs_pyro.distributions import TruncatedNormal
 from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
@@ -284,6 +285,18 @@ def plot_reduction_densities(
 _DASHES = ("-", "--", ":", "-.")
 
 
+def _log_ticks(ax, lo: float, hi: float) -> None:
+    # Matplotlib labels minor ticks when the range is under a decade, and the labels collide;
+    # label 1-2-5 per decade for short ranges, powers of ten otherwise, never the minor ticks.
+    if math.log10(hi / lo) <= 2:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_major_formatter(LogFormatterSciNotation())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Figure:
     """Histograms of E[theta] per layer: all structures before pruning, the kept ones after.
 
@@ -313,6 +326,7 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
             ax.hist(mean[keep & (mean > 0)], bins=bins, histtype="step", linewidth=2.2 - 0.4 * (i % 3),
                     linestyle=_DASHES[i % len(_DASHES)], color=method_colour(i), label=f"after {label}: {int(keep.sum())} kept, {int((~keep).sum())} pruned")
         ax.set_xscale("log")
+        _log_ticks(ax, lo, hi)
         ax.set_title(short_site(site), fontsize=10)
         ax.set_xlabel(r"E$_q$[$\theta$]")
         ax.set_ylabel("structures")
