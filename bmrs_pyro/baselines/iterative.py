@@ -113,8 +113,11 @@ class ILP(IterativePruning):
 
     Importance of a unit / filter: the L1 norm of its incoming weights (the producer's output
     row or filter over input channels and kernel, bias excluded). Same iterative loop, fraction
-    and stopping point as :class:`IAP`; the same deviations apply (the fraction per round is
-    not known for ILP either).
+    and stopping point as :class:`IAP`.
+
+    Deviations: Li et al. prune once (or layer by layer) with retraining; the iterative
+    schedule follows Zhao et al.'s use of it, whose per-round fraction is not known (0.2 is
+    ours); Adam restarted every round; structures are masked, not cut out.
     """
 
     name = "ilp"

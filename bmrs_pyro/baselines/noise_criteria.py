@@ -68,6 +68,9 @@ class NoiseCriterionMethod(PruningMethod):
         self.cite = cite
         self.criterion_options = dict(criterion_options or {})
         self.lr = lr
+        # Each registered method documents its own paper and criterion above the shared procedure.
+        self.__doc__ = (f"{name}: {cite}.\n\nCriterion: {get_criterion(criterion).doc}\n\n"
+                        f"{type(self).__doc__}")
 
     def _run(self, model_builder, data, seed: int, budget: Budget, options: dict) -> MethodResult:
         crit = get_criterion(self.criterion)

@@ -71,14 +71,34 @@ class BoundedBatchNorm2d(_Bounded, nn.BatchNorm2d):
 BOUNDED_TYPES = (BoundedBatchNorm1d, BoundedBatchNorm2d)
 
 
+class _RecedingTerm(torch.autograd.Function):
+    """``u (1 - log u)`` with u = sigmoid(z), and its exact derivative.
+
+    Autograd of the plain formula adds u'(1 - log u) and -u', which cancel to -u' log u: for large
+    z the sum is rounding noise and can even come out negative, which Adam would turn into a
+    full-size step the wrong way. The backward pass here uses the cancelled form
+    u (1 - u) softplus(-z) = sigmoid(z) sigmoid(-z) softplus(-z), every factor accurate.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return torch.sigmoid(z) * (1.0 + F.softplus(-z))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        return grad * torch.sigmoid(z) * torch.sigmoid(-z) * F.softplus(-z)
+
+
 def rni_penalty(logits: torch.Tensor, lam: float = 1e-4, b: float = 3.0) -> torch.Tensor:
     """The RNI regulariser ``lam * sum_c u_c (1 - log u_c)``, ``u_c = sigmoid(w_c + b)``.
 
     Its derivative in w_c is ``-lam u_c (1 - u_c) log u_c >= 0``: it only pushes importances down,
-    and the push vanishes for w_c -> +inf (u -> 1) and w_c -> -inf (u log u -> 0).
+    and the push vanishes for w_c -> +inf (u -> 1) and w_c -> -inf (u log u -> 0). The gradient
+    is computed in that cancelled form, so it stays >= 0 and accurate far into both tails.
     """
-    z = logits + b
-    return lam * (torch.sigmoid(z) * (1.0 - F.logsigmoid(z))).sum()
+    return lam * _RecedingTerm.apply(logits + b).sum()
 
 
 def push_peak(b: float = 3.0) -> float:
@@ -230,8 +250,8 @@ class RNI(PruningMethod):
         threshold = push_peak(b) if options["stop_threshold"] is None else float(options["stop_threshold"])
         below = sum(int((s < threshold).sum()) for s in importance.values())
         stop = point(below / num_structures, keep_result=True)
+        total = total_parameters(model, x_train)  # as trained: one bounded-BN parameter per structure
         to_plain_batchnorm(model)
-        total = total_parameters(model, x_train)
         return MethodResult(
             method=self.name, unpruned_accuracy=unpruned.accuracy, unpruned_val_accuracy=unpruned.val_accuracy,
             curve=curve, stop=stop, model=model, num_structures=num_structures, num_parameters=total,
