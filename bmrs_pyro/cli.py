@@ -167,8 +167,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
     g.add_argument("--output", default=default(d.output), help="folder that holds run folders")
     g.add_argument("--name", default=default(d.name), help="run folder name; None: <data>-<model>-<method>-<time>")
     g.add_argument("--resume", metavar="RUN_DIR", default=default(None),
-                   help="continue the run in RUN_DIR from its checkpoint (options from its config.json; "
-                        "--epochs, --finetune-epochs, --device, --quiet and --no-report may be changed)")
+                   help="continue the run in RUN_DIR from its checkpoint.pt (after a crash, or with a larger "
+                        "--epochs to train on); options come from its config.json and only --epochs, "
+                        "--finetune-epochs, --device, --quiet and --no-report may be changed")
     g.add_argument("--no-report", dest="report", action="store_false", default=default(True),
                    help="skip figures and report.html")
     g.add_argument("--quiet", action="store_true", default=default(False),
@@ -330,6 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         _error(str(err))
         return EXIT_USAGE
+    except OSError as err:  # e.g. the disk filled up while writing the run folder
+        _error(f"{err}")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         _error("interrupted; a run can be continued with `bmrs run --resume <run folder>`")
         return EXIT_INTERRUPTED

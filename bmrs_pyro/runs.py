@@ -491,12 +491,13 @@ def train(
     epoch = start_epoch
     while epoch < cfg.epochs:
         pe = cfg.prune_every or 0
-        if pe:
+        if pe and epoch % pe:
+            # Resumed between two pruning steps: run up to the next one, pruning there if reached.
             to_boundary = pe - epoch % pe
             chunk = min(cfg.epochs - epoch, to_boundary)
             prune_every = chunk if chunk == to_boundary else None
         else:
-            chunk, prune_every = cfg.epochs - epoch, None
+            chunk, prune_every = cfg.epochs - epoch, (pe or None)
         fit(exp.model, exp.guide, exp.data.train, epochs=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
             kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
             prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
