@@ -39,12 +39,13 @@ def main(n: int = 1001, low: float = -20.0, high: float = 0.0) -> dict:
     log_scale = torch.linspace(-20.0, 5.0, n)
     loc, log_scale = torch.meshgrid(loc, log_scale, indexing="ij")
     scale = log_scale.exp()
-    result = {"grid": f"{n}x{n}", "dtype": "float32", "naive_nonfinite_fraction": {}, "ours_nonfinite_fraction": {}}
-    for name, value in naive(loc, scale, low, high).items():
-        result["naive_nonfinite_fraction"][name] = round(float((~torch.isfinite(value)).float().mean()), 4)
+    def fraction(value: torch.Tensor) -> float:
+        return round(float((~torch.isfinite(value)).float().mean()), 4)
+
+    result: dict = {"grid": f"{n}x{n}", "dtype": "float32"}
+    result["naive_nonfinite_fraction"] = {k: fraction(v) for k, v in naive(loc, scale, low, high).items()}
     result["naive_float64_nonfinite_fraction"] = {
-        name: round(float((~torch.isfinite(value)).float().mean()), 4)
-        for name, value in naive(loc.double(), scale.double(), low, high).items()
+        k: fraction(v) for k, v in naive(loc.double(), scale.double(), low, high).items()
     }
     q = TruncatedLogNormal(loc, scale, low, high)
     ours = {
@@ -52,8 +53,7 @@ def main(n: int = 1001, low: float = -20.0, high: float = 0.0) -> dict:
         "e_theta": q.mean,
         "snr": q.signal_to_noise,
     }
-    for name, value in ours.items():
-        result["ours_nonfinite_fraction"][name] = float((~torch.isfinite(value)).float().mean())
+    result["ours_nonfinite_fraction"] = {k: fraction(v) for k, v in ours.items()}
     return result
 
 
