@@ -40,6 +40,8 @@ __all__ = [
 
 _ROW_HEIGHT = 2.6
 _WIDTH = 9.0
+# Legends go right of the axes: inside, wherever they sit, some data set puts points under them.
+_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "frameon": False}
 
 
 def short_site(site: str) -> str:
@@ -127,7 +129,7 @@ def plot_posterior_forest(
             ax.set_xlabel("structure (sorted by posterior median)")
             if c == 0:
                 ax.set_ylabel(r"log $\theta$")
-            ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+            ax.legend(**_OUTSIDE)
             ax.grid(axis="y", alpha=0.3)
     fig.suptitle(r"Posterior of log $\theta$ per structure (median, 50 % and 94 % intervals)")
     return fig
@@ -178,7 +180,7 @@ def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Fi
         ax.set_title(short_site(site), fontsize=10)
         ax.set_xlabel("structure rank (largest dF first)")
         ax.set_ylabel("dF (nats, symlog)")
-        ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
+        ax.legend(**_OUTSIDE)
         ax.grid(alpha=0.3)
     fig.suptitle("Change in log evidence dF when a structure's prior is reduced")
     return fig
@@ -330,8 +332,7 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
         ax.set_title(short_site(site), fontsize=10)
         ax.set_xlabel(r"E$_q$[$\theta$]")
         ax.set_ylabel("structures")
-        # Outside, right: inside it would hide whichever bars are tallest.
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.legend(**_OUTSIDE)
     fig.suptitle(r"Posterior mean E[$\theta$] before and after pruning")
     return fig
 
@@ -526,5 +527,5 @@ def plot_kept_width(source: Any) -> Figure:
     ax.set_xlabel("layer")
     ax.set_ylabel("structures")
     ax.set_title("Kept width per layer", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(**_OUTSIDE)
     return fig
