@@ -186,12 +186,16 @@ def _esc(value: Any) -> str:
 
 
 def format_value(value: Any) -> str:
-    """A metric for display: floats with 4 significant digits, lists by length, rest as text."""
+    """A value for display: floats to 4 significant digits, strings of a list joined, long lists
+    by length and last value, the rest as text."""
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, str) for v in value):
+            joined = " ".join(value)  # a command line, a list of names: show it whole
+            return joined if len(joined) <= 300 else joined[:297] + "..."
         if len(value) > 8:
             last = format_value(value[-1]) if value else ""
             return f"[{len(value)} values, last {last}]"
