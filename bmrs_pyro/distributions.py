@@ -343,11 +343,8 @@ def _inside_icdf(a, b, s, sgn, loc, p, q):
     return loc + sgn * s * xs
 
 
-def _outside_cdf_logprob(x, w, s, sgn, bound, z):
-    """(cdf in the flipped frame's complement form pieces, log density) in the offset form.
-
-    Returns (P, Q, log_prob) with P = cdf of the flipped variable, Q = 1 - P.
-    """
+def _outside_cdf(x, w, s, sgn, bound, z):
+    """(P, Q) in the offset form: P = cdf of the flipped variable at z, Q = 1 - P."""
     v = torch.minimum(torch.clamp(sgn * (bound - z) / s, min=0.0), w)
     d = log_ndtr_ratio_offset(x, w)
     em = -torch.expm1(d)
@@ -355,13 +352,20 @@ def _outside_cdf_logprob(x, w, s, sgn, bound, z):
     # P = (e^f - e^d) / (1 - e^d), Q = (1 - e^f) / (1 - e^d).
     p = torch.exp(f) * -torch.expm1(torch.clamp(d - f, max=0.0)) / em
     q = -torch.expm1(f) / em
-    # log phi(-x-v) - log Z written so the two ~x^2/2 terms cancel analytically.
+    return p, q
+
+
+def _outside_log_prob(x, w, s, sgn, bound, z):
+    """log density in the offset form: log phi(-x-v) - log Z with the two ~x^2/2 terms
+    cancelled analytically."""
+    v = torch.minimum(torch.clamp(sgn * (bound - z) / s, min=0.0), w)
+    d = log_ndtr_ratio_offset(x, w)
     lp = -v * (x + 0.5 * v) - log_ndtr_upper_scaled(x) - log1mexp_safe(d) - LOG_SQRT_2PI
-    return p, q, lp - torch.log(s)
+    return lp - torch.log(s)
 
 
-def _inside_cdf_logprob(a, b, s, sgn, loc, z):
-    """(P, Q, log_prob) inside the interval; P, Q refer to the flipped variable."""
+def _inside_cdf(a, b, s, sgn, loc, z):
+    """(P, Q) inside the interval; P, Q refer to the flipped variable."""
     xs = torch.minimum(torch.maximum(sgn * (z - loc) / s, a), b)
     log_z = log_diff_ndtr(a, b)
 
@@ -374,8 +378,13 @@ def _inside_cdf_logprob(a, b, s, sgn, loc, z):
     # At an endpoint the mass is exactly 0 (and log_diff_ndtr would see an empty interval).
     p = where_apply(xs > a, mass, nothing, a, xs, log_z)
     q = where_apply(xs < b, mass, nothing, xs, b, log_z)
-    lp = log_normal_pdf(xs) - log_z - torch.log(s)
-    return p, q, lp
+    return p, q
+
+
+def _inside_log_prob(a, b, s, sgn, loc, z):
+    """Log density inside the interval (Z >= 0.68: the textbook form is exact)."""
+    xs = (z - loc) / s
+    return log_normal_pdf(xs) - log_diff_ndtr(a, b) - torch.log(s)
 
 
 def _peano_rule(n: int) -> Callable[..., torch.Tensor]:
@@ -483,16 +492,18 @@ class _Core:
         (z,) = self._split(_outside_icdf, _inside_icdf, 1, (pf, qf), (pf, qf), shape=shape)
         return torch.minimum(torch.maximum(z, self.low), self.high)
 
-    def cdf_logprob(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cdf(self, z: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(z.shape, self.loc.shape)
         zc = torch.minimum(torch.maximum(z, self.low), self.high)
-        p, q, lp = self._split(
-            _outside_cdf_logprob, _inside_cdf_logprob, 3, (zc,), (zc,), shape=shape
-        )
+        p, q = self._split(_outside_cdf, _inside_cdf, 2, (zc,), (zc,), shape=shape)
         cdf = torch.where(self.flip, q, p)
-        cdf = torch.where(z < self.low, 0.0, torch.where(z > self.high, 1.0, cdf))
-        lp = torch.where((z < self.low) | (z > self.high), -math.inf, lp)
-        return cdf, lp
+        return torch.where(z < self.low, 0.0, torch.where(z > self.high, 1.0, cdf))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(z.shape, self.loc.shape)
+        zc = torch.minimum(torch.maximum(z, self.low), self.high)
+        (lp,) = self._split(_outside_log_prob, _inside_log_prob, 1, (zc,), (zc,), shape=shape)
+        return torch.where((z < self.low) | (z > self.high), -math.inf, lp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +587,7 @@ class TruncatedNormal(TorchDistribution):
             return self.rsample(sample_shape)
 
     def _log_prob64(self, value64: torch.Tensor) -> torch.Tensor:
-        return self._core.cdf_logprob(value64)[1]
+        return self._core.log_prob(value64)
 
     def log_prob(self, value):
         if self._validate_args:
@@ -588,7 +599,7 @@ class TruncatedNormal(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
-        return self._out(self._core.cdf_logprob(value.double())[0])
+        return self._out(self._core.cdf(value.double()))
 
     def icdf(self, value):
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
@@ -691,7 +702,7 @@ class TruncatedLogNormal(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         z = self._log_theta64(value)
-        return self._tn._out(self._tn._core.cdf_logprob(z)[0])
+        return self._tn._out(self._tn._core.cdf(z))
 
     def icdf(self, value):
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
