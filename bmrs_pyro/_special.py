@@ -6,6 +6,13 @@ to such differences. Forming ``Phi(hi) - Phi(lo)`` directly underflows (both ~0)
 (both ~1) in the tails, so we work with ``log_ndtr`` and, where both arguments lie in the same
 tail, with ``erfcx`` (the scaled complementary error function), which keeps the ratio of two
 tiny cdfs exact without forming either of them.
+
+Far in a tail (arguments up to ~1e10 on the project's grid) the distributions need the *small*
+parts that remain after huge terms cancel; these are computed directly: the Mills-ratio gap
+``mills_gap_and_u`` (continued fraction), ``log_ndtr_upper_scaled`` = log Phi(-y) + y^2/2, and
+``log_ndtr_ratio_offset`` = log(Phi(-x-v)/Phi(-x)), exact for tiny offsets v. ``masked_apply`` /
+``where_apply`` evaluate a branch only on its own elements, so an unused branch never puts
+inf/NaN into gradients.
 """
 
 from __future__ import annotations

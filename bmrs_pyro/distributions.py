@@ -535,6 +535,7 @@ class TruncatedNormal(TorchDistribution):
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same distribution with parameters broadcast to ``batch_shape``."""
         new = self._get_checked_instance(TruncatedNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         for name in ("loc", "scale", "low", "high"):
@@ -545,6 +546,7 @@ class TruncatedNormal(TorchDistribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
+        """The interval [low, high]."""
         return constraints.interval(self.low, self.high)
 
     @lazy_property
@@ -561,13 +563,16 @@ class TruncatedNormal(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E[z]."""
         return self._out(self._core.stats[0])
 
     @property
     def variance(self) -> torch.Tensor:
+        """Var[z]."""
         return self._out(self._core.stats[1])
 
     def entropy(self) -> torch.Tensor:
+        """Differential entropy of z."""
         return self._out(self._core.stats[2])
 
     def _uniform(self, sample_shape) -> torch.Tensor:
@@ -580,9 +585,11 @@ class TruncatedNormal(TorchDistribution):
         return self._core.icdf(self._uniform(sample_shape))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Reparameterised sample icdf(u), u ~ U(0, 1); gradients reach every parameter."""
         return self._out(self._rsample64(sample_shape))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Sample without gradient."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 
@@ -590,18 +597,21 @@ class TruncatedNormal(TorchDistribution):
         return self._core.log_prob(value64)
 
     def log_prob(self, value):
+        """log density of z (-inf outside [low, high] when validation is off)."""
         if self._validate_args:
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         return self._out(self._log_prob64(value.double()))
 
     def cdf(self, value):
+        """P(z <= value)."""
         if self._validate_args:
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         return self._out(self._core.cdf(value.double()))
 
     def icdf(self, value):
+        """Quantile function; icdf(0) = low, icdf(1) = high."""
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         return self._out(self._core.icdf(value.double()))
 
@@ -626,6 +636,7 @@ class TruncatedLogNormal(TorchDistribution):
         super().__init__(self._tn.batch_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same distribution with parameters broadcast to ``batch_shape``."""
         new = self._get_checked_instance(TruncatedLogNormal, _instance)
         batch_shape = torch.Size(batch_shape)
         new._tn = self._tn.expand(batch_shape)
@@ -645,6 +656,7 @@ class TruncatedLogNormal(TorchDistribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
+        """The interval [e^low, e^high]."""
         return constraints.interval(_exp_bound(self.low), _exp_bound(self.high))
 
     @property
@@ -658,10 +670,12 @@ class TruncatedLogNormal(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E[theta] = exp(K(1)), K the cumulant generating function of z."""
         return self._tn._out(torch.exp(self._mgf[0]))
 
     @property
     def variance(self) -> torch.Tensor:
+        """Var[theta] = E[theta]^2 expm1(D), D = K(2) - 2 K(1)."""
         k1, d = self._mgf
         return self._tn._out(torch.exp(2.0 * k1 + _log_expm1(torch.clamp(d, min=1e-300))))
 
@@ -672,13 +686,16 @@ class TruncatedLogNormal(TorchDistribution):
         return self._tn._out(torch.exp(-0.5 * _log_expm1(torch.clamp(d, min=1e-300))))
 
     def entropy(self) -> torch.Tensor:
+        """Differential entropy of theta: H[z] + E[z]."""
         mean_z, _, entropy_z = self._tn._core.stats[:3]
         return self._tn._out(entropy_z + mean_z)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Reparameterised sample exp(z), z from the truncated normal's rsample."""
         return self._tn._out(torch.exp(self._tn._rsample64(sample_shape)))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Sample without gradient."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 
@@ -693,18 +710,21 @@ class TruncatedLogNormal(TorchDistribution):
         return z
 
     def log_prob(self, value):
+        """log density of theta: log q_z(log theta) - log theta."""
         if self._validate_args:
             self._validate_sample(value)
         z = self._log_theta64(value)
         return self._tn._out(self._tn._log_prob64(z) - z)
 
     def cdf(self, value):
+        """P(theta <= value)."""
         if self._validate_args:
             self._validate_sample(value)
         z = self._log_theta64(value)
         return self._tn._out(self._tn._core.cdf(z))
 
     def icdf(self, value):
+        """Quantile function of theta."""
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         return self._tn._out(torch.exp(self._tn._core.icdf(value.double())))
 
@@ -721,6 +741,7 @@ class LogUniform(TorchDistribution):
         super().__init__(self.low.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same distribution with parameters broadcast to ``batch_shape``."""
         new = self._get_checked_instance(LogUniform, _instance)
         batch_shape = torch.Size(batch_shape)
         new.low = self.low.expand(batch_shape)
@@ -731,6 +752,7 @@ class LogUniform(TorchDistribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
+        """The interval [e^low, e^high]."""
         return constraints.interval(_exp_bound(self.low), _exp_bound(self.high))
 
     def _out(self, value: torch.Tensor) -> torch.Tensor:
@@ -738,12 +760,14 @@ class LogUniform(TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E[theta] = e^low expm1(w)/w, w = high - low."""
         lo, hi = self.low.double(), self.high.double()
         w = hi - lo
         return self._out(torch.exp(lo) * torch.expm1(w) / w)
 
     @property
     def variance(self) -> torch.Tensor:
+        """Var[theta], without the cancellation of E[theta^2] - E[theta]^2 on short intervals."""
         # Var = e^{2 mid} (2 sinh(h)/w) (cosh h - sinh(h)/h), h = w/2; the last factor is the
         # cancellation-free series sum_k h^{2k} 2k/(2k+1)! for small h.
         lo, hi = self.low.double(), self.high.double()
@@ -762,20 +786,24 @@ class LogUniform(TorchDistribution):
         return self._out(torch.exp(log_var))
 
     def entropy(self) -> torch.Tensor:
+        """Differential entropy of theta: log(high - low) + (low + high)/2."""
         lo, hi = self.low.double(), self.high.double()
         return self._out(torch.log(hi - lo) + 0.5 * (lo + hi))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Reparameterised sample exp(low + u (high - low))."""
         shape = self._extended_shape(sample_shape)
         u = torch.rand(shape, dtype=torch.float64, device=self.low.device)
         lo, hi = self.low.double(), self.high.double()
         return self._out(torch.exp(torch.minimum(lo + u * (hi - lo), hi)))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Sample without gradient."""
         with torch.no_grad():
             return self.rsample(sample_shape)
 
     def log_prob(self, value):
+        """log density -log(high - low) - log theta on the support."""
         if self._validate_args:
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
@@ -788,6 +816,7 @@ class LogUniform(TorchDistribution):
         return self._out(lp)
 
     def cdf(self, value):
+        """P(theta <= value) = (log value - low)/(high - low)."""
         if self._validate_args:
             self._validate_sample(value)
         value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
@@ -795,6 +824,7 @@ class LogUniform(TorchDistribution):
         return self._out(torch.clamp((torch.log(value.double()) - lo) / (hi - lo), 0.0, 1.0))
 
     def icdf(self, value):
+        """Quantile function exp(low + p (high - low))."""
         value = torch.as_tensor(value, dtype=self.low.dtype, device=self.low.device)
         lo, hi = self.low.double(), self.high.double()
         return self._out(torch.exp(lo + value.double() * (hi - lo)))
