@@ -200,6 +200,24 @@ def test_last_within_stops_before_the_first_loss_beyond_tolerance():
     assert last_within(pts[:1], 0.95, 1.0) == 0
 
 
+# ---------------------------------------------------------------- the multiplicative-noise criteria
+
+
+@pytest.mark.parametrize("name", ["bmrs_n", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2"])
+def test_noise_criteria_remove_dead_units_first(name, digits_data):
+    # A unit with zero output gets no likelihood gradient: only the KL moves its posterior (towards
+    # more spread, a lower E[theta] and SNR, a higher dF), and its incoming weights stay at zero.
+    # dF, SNR and E[theta] rank globally (4 of 32), L2 within each layer (4 of 16 per layer).
+    fraction = 0.25 if name == "l2" else 0.125
+    result = METHODS[name].run(dead_mlp("zero", "tanh"), digits_data, fractions=[0.0, fraction],
+                               budget={"epochs": 2, "finetune_epochs": 0, "lr": 1e-2})
+    site = first_site(result.model)
+    assert result.curve[1].removed[site] == DEAD
+    if name != "l2":
+        assert result.curve[1].kept_per_layer[site] == (WIDTH - len(DEAD), WIDTH)
+        assert all(not r for s, r in result.curve[1].removed.items() if s != site)
+
+
 # ---------------------------------------------------------------- RNI
 
 

@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyro
@@ -95,7 +95,8 @@ class Point:
     ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
     physically compacted network, :func:`bmrs_pyro.curves.count_parameters`); ``accuracy`` is on
     the test split, ``val_accuracy`` on the validation split; ``step`` is the swept fraction or
-    the round number; ``kept_per_layer`` maps each noise site to ``(kept, total)``.
+    the round number; ``kept_per_layer`` maps each noise site to ``(kept, total)`` and
+    ``removed`` to the indices of its removed structures.
     """
 
     structures_removed: float
@@ -104,6 +105,7 @@ class Point:
     val_accuracy: Optional[float] = None
     step: Any = None
     kept_per_layer: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -425,7 +427,13 @@ def make_point(model: nn.Module, data, *, step: Any = None, count_model: Optiona
     target = eval_model if eval_model is not None else model
     return Point(structures_removed=s, parameters_removed=p, accuracy=accuracy(target, data.test),
                  val_accuracy=accuracy(target, data.val), step=step,
-                 kept_per_layer={site: (int(k.sum()), int(k.numel())) for site, k in keep.items()})
+                 kept_per_layer={site: (int(k.sum()), int(k.numel())) for site, k in keep.items()},
+                 removed=removed_indices(keep))
+
+
+def removed_indices(keep: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per site, the indices of the structures that ``keep`` removes."""
+    return {site: torch.nonzero(~torch.as_tensor(k).bool()).flatten().tolist() for site, k in keep.items()}
 
 
 def remove_lowest(importance: Mapping[str, torch.Tensor], alive: Mapping[str, torch.Tensor],
@@ -585,6 +593,7 @@ __all__ = [
     "mean_activation",
     "per_layer_counts",
     "remove_lowest",
+    "removed_indices",
     "restore",
     "seed_all",
     "set_masks",

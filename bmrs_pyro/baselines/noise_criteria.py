@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
-
 from ..criteria import get_criterion
 from ..guides import AutoTruncatedLogNormal
 from ..infer import evaluate, fit
 from ..nn import noise_modules
 from ..pruner import reduce
-from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within,
-                     total_parameters)
+from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
+                     snapshot, total_parameters)
 
 
 def sweep_fractions(num_structures: int, step: float = 0.1) -> list[float]:
@@ -90,7 +88,7 @@ class NoiseCriterionMethod(PruningMethod):
             float(f) for f in fractions)
         unpruned_test = evaluate(model, guide, data.test)["accuracy"]
         unpruned_val = evaluate(model, guide, data.val)["accuracy"]
-        trained = (_state(model), _state(guide))
+        trained = (snapshot(model), snapshot(guide))
 
         def point(fraction: Optional[float], keep_result: bool = False) -> Point:
             result = reduce(model, guide, crit, fraction=fraction, **crit_options)
@@ -101,7 +99,8 @@ class NoiseCriterionMethod(PruningMethod):
             pt = Point(structures_removed=s, parameters_removed=p,
                        accuracy=evaluate(model, guide, data.test)["accuracy"],
                        val_accuracy=evaluate(model, guide, data.val)["accuracy"],
-                       step=fraction, kept_per_layer=dict(result.kept_per_layer))
+                       step=fraction, kept_per_layer=dict(result.kept_per_layer),
+                       removed=removed_indices(result.keep))
             if not keep_result:
                 _load(model, guide, trained)
             return pt
@@ -121,10 +120,6 @@ class NoiseCriterionMethod(PruningMethod):
             info={"criterion": crit.name, "criterion_options": crit_options, "elbo": list(history.elbo),
                   "fractions": fractions},
         )
-
-
-def _state(module) -> dict:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _load(model, guide, states) -> None:

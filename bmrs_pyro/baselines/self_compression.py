@@ -25,7 +25,6 @@ from .common import (
     PruningMethod,
     build_deterministic,
     get_masks,
-    incoming_weight_norm,
     last_within,
     links_of,
     make_point,
