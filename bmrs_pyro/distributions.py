@@ -540,6 +540,12 @@ class TruncatedNormal(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         for name in ("loc", "scale", "low", "high"):
             setattr(new, name, getattr(self, name).expand(batch_shape))
+        # Remember the parameters before a leading-dims expansion (per-example noise expands
+        # (S,) to (B, S)) so that sampling computes per-structure constants once, not B times.
+        compact = self.__dict__.get("_compact_params")
+        if compact is None and batch_shape[len(batch_shape) - len(self.batch_shape):] == self.batch_shape:
+            compact = (self.loc, self.scale, self.low, self.high)
+        new._compact_params = compact
         super(TruncatedNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -582,7 +588,24 @@ class TruncatedNormal(TorchDistribution):
         return torch.clamp(u, min=2.0**-60)
 
     def _rsample64(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self._core.icdf(self._uniform(sample_shape))
+        u = self._uniform(sample_shape)
+        params = self.__dict__.get("_compact_params") or (self.loc, self.scale, self.low, self.high)
+        loc, scale, low, high = (t.double() for t in broadcast_all(*params))
+        batch_shape = loc.shape
+        # Where the standardised far bound -b of the flipped frame is <= _FAST_SAMPLE_X, the
+        # textbook inverse cdf is exact and needs only per-structure constants plus one ndtri
+        # per draw; the offset-form Newton inverse is kept for the tail structures.
+        fast = _fast_sample_ok(loc, scale, low, high)
+        if bool(fast.all()):
+            return _fast_icdf(loc, scale, low, high, u)
+        if not bool(fast.any()) or len(batch_shape) != 1:
+            return self._core.icdf(u)
+        idx_fast, idx_slow = fast.nonzero().squeeze(-1), (~fast).nonzero().squeeze(-1)
+        pick = lambda t, idx: t[idx]
+        z_fast = _fast_icdf(*(pick(t, idx_fast) for t in (loc, scale, low, high)), u[..., idx_fast])
+        z_slow = _Core(*(pick(t, idx_slow) for t in (loc, scale, low, high))).icdf(u[..., idx_slow])
+        order = torch.argsort(torch.cat([idx_fast, idx_slow]))
+        return torch.cat([z_fast, z_slow], dim=-1)[..., order]
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Reparameterised sample icdf(u), u ~ U(0, 1); gradients reach every parameter."""
@@ -614,6 +637,37 @@ class TruncatedNormal(TorchDistribution):
         """Quantile function; icdf(0) = low, icdf(1) = high."""
         value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
         return self._out(self._core.icdf(value.double()))
+
+
+_FAST_SAMPLE_X = 5.0  # flipped-frame far bound b >= -5: Phi(b) >= 2.9e-7, no tail trouble
+
+
+def _flipped_bounds(loc, scale, low, high):
+    alpha, beta = (low - loc) / scale, (high - loc) / scale
+    flip = (alpha + beta) > 0
+    return flip, torch.where(flip, -beta, alpha), torch.where(flip, -alpha, beta)
+
+
+def _fast_sample_ok(loc, scale, low, high) -> torch.Tensor:
+    return _flipped_bounds(loc, scale, low, high)[2] >= -_FAST_SAMPLE_X
+
+
+def _fast_icdf(loc, scale, low, high, u):
+    """Draws loc + scale * Phi^-1(Phi(a) + u Z) in the flipped frame (mass in the lower tail).
+
+    Sampling in the flipped frame with u itself (rather than 1 - u) is the same distribution
+    and avoids forming 1 - u. One ndtri per draw on whichever tail probability is <= 1/2.
+    """
+    flip, a, b = _flipped_bounds(loc, scale, low, high)
+    z_mass = torch.exp(log_diff_ndtr(a, b))
+    low_cdf = ndtr(a) + u * z_mass
+    up_sf = ndtr(-b) + (1.0 - u) * z_mass
+    lower = low_cdf <= 0.5
+    xs = torch.special.ndtri(torch.clamp(torch.where(lower, low_cdf, up_sf), min=1e-300))
+    xs = torch.where(lower, xs, -xs)
+    xs = torch.minimum(torch.maximum(xs, a), b)
+    sign = torch.where(flip, -1.0, 1.0).to(loc)
+    return torch.minimum(torch.maximum(loc + sign * scale * xs, low), high)
 
 
 def _exp_bound(bound: torch.Tensor) -> torch.Tensor:
