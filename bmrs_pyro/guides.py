@@ -99,6 +99,7 @@ class AutoTruncatedLogNormal(AutoGuide):
             self._layers[name] = layer
             num = layer.num_structures
             device = layer.mask.device
+            self._forget_stale(name)  # before creating: PyroParam adopts a same-named stored value
             deep_setattr(self.locs, name, PyroParam(torch.full((num,), self.init_loc, device=device)))
             deep_setattr(
                 self.log_scales,
@@ -106,7 +107,6 @@ class AutoTruncatedLogNormal(AutoGuide):
                 PyroParam(torch.full((num,), math.log(self.init_scale), device=device)),
             )
             layer._guide = weakref.ref(self)
-            self._forget_stale(name)
         if not self._layers:
             raise ValueError(
                 "the model has no MultiplicativeNoise layer: AutoTruncatedLogNormal has nothing to fit"

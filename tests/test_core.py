@@ -166,6 +166,19 @@ def test_guide_default_init_matches_design(noisy_mlp):
     assert torch.all(loc == 0) and torch.allclose(scale, torch.tensor(math.exp(-5)))
 
 
+def test_a_new_guide_does_not_inherit_an_earlier_guides_values(noisy_mlp):
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    first = noisy_mlp((8, 5, 3))
+    first_guide = AutoTruncatedLogNormal(first)
+    fit(first, first_guide, (x, y), epochs=5, lr=0.05, progress=False)
+    assert not torch.all(first_guide.loc_scale("noise.0.theta")[0] == 0)
+    second = noisy_mlp((8, 5, 3))  # same site names, same param-store keys
+    second_guide = AutoTruncatedLogNormal(second, init_loc=0.0)
+    second_guide(x, y)
+    loc, scale = second_guide.loc_scale("noise.0.theta")
+    assert torch.all(loc == 0) and torch.allclose(scale, torch.tensor(math.exp(-5)))
+
+
 def test_guide_without_noise_layers_is_an_error():
     def model(x, y=None):
         pyro.sample("w", pdist.Normal(0.0, 1.0))
