@@ -162,6 +162,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="epochs of training after the final reduction, masks frozen")
     g.add_argument("--seed", type=_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
+    g.add_argument("--threads", type=_positive_int, default=default(d.threads),
+                   help="CPU threads for torch; one is fastest for small networks (several threads on tiny "
+                        "matrices mostly wait on each other) and reproducible; raise it for large conv nets")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", default=default(d.output), help="folder that holds run folders")
@@ -169,7 +172,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
     g.add_argument("--resume", metavar="RUN_DIR", default=default(None),
                    help="continue the run in RUN_DIR from its checkpoint.pt (after a crash, or with a larger "
                         "--epochs to train on); options come from its config.json and only --epochs, "
-                        "--finetune-epochs, --device, --quiet and --no-report may be changed")
+                        "--finetune-epochs, --device, --threads, --quiet and --no-report may be changed")
     g.add_argument("--no-report", dest="report", action="store_false", default=default(True),
                    help="skip figures and report.html")
     g.add_argument("--quiet", action="store_true", default=default(False),
@@ -177,7 +180,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
 
 
 #: Options --resume may change; the others must match the run's config.json.
-_RESUME_MUTABLE = ("epochs", "finetune_epochs", "device", "quiet", "report")
+_RESUME_MUTABLE = ("epochs", "finetune_epochs", "device", "threads", "quiet", "report")
 
 
 def _explicit_options(argv: Sequence[str]) -> dict:
@@ -210,10 +213,12 @@ def _run_config(args: argparse.Namespace, argv: Sequence[str]) -> tuple[RunConfi
         shown = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(clash))
         raise UsageError(
             f"--resume continues the run saved in {run_dir}; {shown} differ(s) from its config.json. "
-            f"Only {', '.join('--' + k.replace('_', '-') for k in _RESUME_MUTABLE[:3])}, --quiet and --no-report "
+            f"Only {', '.join('--' + k.replace('_', '-') for k in _RESUME_MUTABLE[:4])}, --quiet and --no-report "
             "may change; start a new run for other settings"
         )
     updates = {k: v for k, v in explicit.items() if k in _RESUME_MUTABLE}
+    # The folder may have been moved since: record where it is now.
+    updates.update(output=str(run_dir.parent), name=run_dir.name)
     import dataclasses
 
     return dataclasses.replace(saved, **updates), run_dir

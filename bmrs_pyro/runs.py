@@ -8,7 +8,7 @@ The pieces, in the order ``bmrs run`` uses them:
 - :func:`train` -- SVI with continuous pruning, a checkpoint after every epoch;
 - :func:`final_reduction` and :func:`finetune` -- the last pruning step, then training with the
   masks frozen;
-- :func:`evaluate_before_after`, :func:`compaction_summary`, :func:`measure_latency`;
+- :func:`evaluate_model`, :func:`compaction_summary`, :func:`measure_latency`;
 - :func:`write_run` -- ``config.json``, ``metrics.json``, ``compacted.pt``, ``inference_data.nc``;
 - :func:`execute` -- all of the above, resumable from a run folder's checkpoint.
 
@@ -174,7 +174,7 @@ class RunConfig:
     method: str = "bmrs_n"
     fraction: Optional[float] = None
     bits: int = 8
-    epochs: int = 200
+    epochs: int = 100
     lr: float = 1e-2
     batch_size: int = 128
     kl_weight: float = 1.0
@@ -182,6 +182,7 @@ class RunConfig:
     finetune_epochs: int = 10
     seed: int = 0
     device: str = "cpu"
+    threads: int = 1
     output: str = "runs"
     name: Optional[str] = None
     report: bool = True
@@ -220,6 +221,7 @@ class RunConfig:
         _positive_int("batch_size", self.batch_size)
         _positive_int("posterior_samples", self.posterior_samples)
         _positive_int("latency_repeats", self.latency_repeats)
+        _positive_int("threads", self.threads)
         _nonneg_int("finetune_epochs", self.finetune_epochs)
         _nonneg_int("seed", self.seed)
         _nonneg_int("bits", self.bits)
@@ -550,15 +552,14 @@ def masks_off(model: torch.nn.Module) -> Iterator[None]:
                 layer.mask.copy_(saved[site])
 
 
-def evaluate_before_after(exp: Experiment, split: str = "test") -> dict:
-    """Accuracy and NLL (mean mode) of the trained model with all masks 1 ("before") and with its masks."""
+def evaluate_model(exp: Experiment, split: str = "test", *, unpruned: bool = False) -> dict:
+    """``{"accuracy", "nll"}`` of the model in mean mode (E[theta] * mask) on a data split.
+
+    ``unpruned=True`` sets every mask to 1 for the evaluation (the network before pruning).
+    """
     data = getattr(exp.data, split)
-    device = str(exp.device)
-    with masks_off(exp.model):
-        before = evaluate(exp.model, exp.guide, data, mode="mean", device=device)
-    after = evaluate(exp.model, exp.guide, data, mode="mean", device=device)
-    return {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-            "nll_before": before["nll"], "nll_after": after["nll"]}
+    with masks_off(exp.model) if unpruned else contextlib.nullcontext():
+        return evaluate(exp.model, exp.guide, data, mode="mean", device=str(exp.device))
 
 
 @torch.no_grad()
@@ -635,6 +636,28 @@ def structure_summary(reduction) -> dict:
             "layers": layers}
 
 
+#: Width of the band just below the BMRS threshold reported as "borderline": 0.5 log(2 pi), the
+#: amount by which the BMRS reference code's dF_N is too high (it omits that term).
+BORDERLINE_BAND = 0.5 * math.log(2 * math.pi)
+
+
+def borderline_summary(reduction) -> Optional[dict]:
+    """For dF methods: how many kept structures have ``-0.919 <= dF < 0`` (None for other methods).
+
+    A structure the data no longer use drifts to a posterior close to the prior, where the exact
+    dF approaches 0 from below, so the rule ``dF >= 0`` keeps it. Counting them tells the user
+    how much of the network sits at that tie.
+    """
+    if not str(reduction.method).startswith("bmrs"):
+        return None
+    count = 0
+    for site, keep in reduction.keep.items():
+        scores = torch.as_tensor(reduction.scores[site]).double().cpu()
+        kept = torch.as_tensor(keep).bool().cpu()
+        count += int(((scores >= -BORDERLINE_BAND) & (scores < 0) & kept).sum())
+    return {"count": count, "band": [-BORDERLINE_BAND, 0.0]}
+
+
 def reduction_to_dict(reduction) -> dict:
     """What a checkpoint keeps of a reduction (method, options, per-site scores and keep masks)."""
     return {"method": reduction.method, "options": dict(getattr(reduction, "options", {}) or {}),
@@ -705,10 +728,21 @@ def execute(
     ``epochs`` -- then the final reduction, fine-tuning and evaluation run again. The final,
     fine-tuned model is saved as ``final.pt`` (same format, with the reduction in ``extra``).
     """
+    config = config.resolved().validate()
+    threads = torch.get_num_threads()
+    if check_device(config.device).type == "cpu":
+        torch.set_num_threads(config.threads)
+    try:
+        return _execute(config, run_dir=run_dir, resume=resume, log=log, progress=progress, argv=argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _execute(config: RunConfig, *, run_dir: Optional[Path], resume: bool, log: Log, progress: bool,
+             argv: Optional[Sequence[str]]) -> tuple[Path, dict, Any]:
     from .checkpoint import load_checkpoint, save_checkpoint
 
     t_start = time.perf_counter()
-    config = config.resolved().validate()
     if run_dir is None:
         run_dir = prepare_run_dir(config.output, config.name, resume=resume)
     else:
@@ -735,6 +769,9 @@ def execute(
                 else "post-training pruning")
         log(f"training {config.epochs - start} epochs ({mode}, kl_weight={config.kl_weight:g})")
         train(exp, start_epoch=start, checkpoint=ckpt, progress=progress)
+    # "Before": the trained network as it stands before the final reduction and fine-tuning, with
+    # every mask set to 1 (structures removed by continuous pruning switched back on).
+    before = evaluate_model(exp, unpruned=True)
     log(f"final reduction ({config.method})")
     reduction = final_reduction(exp)
     if config.finetune_epochs:
@@ -747,8 +784,13 @@ def execute(
 
     log("evaluating before/after pruning and compacting")
     metrics: dict[str, Any] = {"method": config.method, "data": config.data, "model": config.model}
-    metrics.update(evaluate_before_after(exp))
+    after = evaluate_model(exp)
+    metrics.update({"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+                    "nll_before": before["nll"], "nll_after": after["nll"]})
     metrics.update(structure_summary(reduction))
+    borderline = borderline_summary(reduction)
+    if borderline is not None:
+        metrics["borderline"] = borderline
     compacted, part = compaction_summary(exp)
     metrics.update(part)
     metrics["elbo"] = list(exp.history.elbo)
@@ -808,6 +850,10 @@ def format_summary(metrics: dict, run_dir: Optional[Path] = None) -> str:
     for r in metrics["layers"]:
         pct = 100.0 * (r["total"] - r["kept"]) / r["total"] if r["total"] else 0.0
         out.append(f"{r['site']:<{layer_w}}  {r['kept']:>6}  {r['total']:>6}  {pct:>6.1f} %")
+    border = metrics.get("borderline")
+    if border and border.get("count"):
+        out += ["", f"note: {border['count']} kept structures have -0.92 <= dF < 0: their posteriors are close to the "
+                    "prior, a near tie that the exact rule dF >= 0 keeps."]
     return "\n".join(out)
 
 

@@ -60,7 +60,7 @@ def test_run_help_shows_every_default(capsys):
         assert f"(default: {value})" in out, option
     assert "(default: 100,100)" in out
     for option in ("--resume", "--no-report", "--quiet", "--device", "--output", "--name", "--bits",
-                   "--fraction", "--prune-every", "--root"):
+                   "--fraction", "--prune-every", "--root", "--threads"):
         assert option in out
     assert "examples:" in out and "--resume runs/" in out
 
@@ -128,23 +128,26 @@ def test_run_writes_the_run_folder(tmp_path, capsys, digits_test):
         acc_compacted = (compacted(x).argmax(-1) == y).double().mean().item()
     assert metrics["accuracy_after"] == pytest.approx(acc_compacted, abs=1e-12)
 
-    # "Before" = the final network with every mask set to 1, by a hand-written forward pass.
-    final = torch.load(run / "final.pt", weights_only=False)
-    state = final["model_state"]
-    mask = state["net.3.mask"]
-    assert int(mask.sum()) == kept
-    loc = final["guide_state"]["locs.net.3.theta_unconstrained"].double().numpy()
-    scale = np.exp(np.clip(final["guide_state"]["log_scales.net.3.theta_unconstrained"].double().numpy(), -20, 5))
-    e_theta = torch.tensor(_e_theta(loc, scale))
-    h = torch.tanh(x.flatten(1).double() @ state["net.1.weight"].double().T + state["net.1.bias"].double())
-
-    def accuracy_and_nll(factor):
+    # "Before" = the trained network (checkpoint.pt, end of training) with every mask 1; "after" =
+    # the pruned, fine-tuned one (final.pt); both by a hand-written mean-mode forward pass.
+    def accuracy_and_nll(ckpt, use_mask):
+        state, guide_state = ckpt["model_state"], ckpt["guide_state"]
+        loc = guide_state["locs.net.3.theta_unconstrained"].double().numpy()
+        scale = np.exp(np.clip(guide_state["log_scales.net.3.theta_unconstrained"].double().numpy(), -20, 5))
+        factor = torch.tensor(_e_theta(loc, scale))
+        if use_mask:
+            factor = factor * state["net.3.mask"].double()
+        h = torch.tanh(x.flatten(1).double() @ state["net.1.weight"].double().T + state["net.1.bias"].double())
         logits = (h * factor) @ state["net.4.weight"].double().T + state["net.4.bias"].double()
         logp = torch.log_softmax(logits, -1)
         return (logits.argmax(-1) == y).double().mean().item(), -logp.gather(1, y[:, None]).mean().item()
 
-    acc_b, nll_b = accuracy_and_nll(e_theta)
-    acc_a, nll_a = accuracy_and_nll(e_theta * mask.double())
+    trained = torch.load(run / "checkpoint.pt", weights_only=False)
+    final = torch.load(run / "final.pt", weights_only=False)
+    assert trained["epoch"] == 2 and final["epoch"] == 3
+    assert int(final["model_state"]["net.3.mask"].sum()) == kept
+    acc_b, nll_b = accuracy_and_nll(trained, use_mask=False)
+    acc_a, nll_a = accuracy_and_nll(final, use_mask=True)
     assert metrics["accuracy_before"] == pytest.approx(acc_b, abs=1e-12)
     assert metrics["nll_before"] == pytest.approx(nll_b, rel=1e-4)
     assert metrics["accuracy_after"] == pytest.approx(acc_a, abs=1e-12)
@@ -311,6 +314,7 @@ def test_unknown_names_list_the_valid_ones(option, value, listed, capsys, tmp_pa
     (["--method", "l2", "--fraction", "0.3", "--prune-every", "2"], "--prune-every 0"),
     (["--model", "lenet5", "--hidden", "10"], "--hidden applies to --model mlp only"),
     (["--device", "tpu"], "device must be 'cpu' or 'cuda'"),
+    (["--threads", "0"], "--threads: must be a positive integer"),
     (["--name", ".."], "plain folder name"),
 ])
 def test_bad_values_are_refused_before_training(args, message, capsys, tmp_path, no_training):
@@ -383,3 +387,40 @@ def test_run_config_validation_messages():
         RunConfig.from_dict({"epochs": 3, "colour": "red"})
     cfg = RunConfig(hidden=(5, 6)).resolved()
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_borderline_structures_are_counted_and_noted():
+    from bmrs_pyro.analysis import SavedReduction
+
+    reduction = SavedReduction("bmrs_n", {"a.theta": torch.tensor([-1.0, -0.5, 0.1, -1e-4]),
+                                          "b.theta": torch.tensor([-0.9, -0.95])},
+                               {"a.theta": torch.tensor([True, True, False, True]),
+                                "b.theta": torch.tensor([True, True])})
+    # Kept with -0.919 <= dF < 0: -0.5, -1e-4 and -0.9 (not -1.0, -0.95 or the pruned 0.1).
+    assert runs.borderline_summary(reduction)["count"] == 3
+    assert runs.borderline_summary(SavedReduction("snr", reduction.scores, reduction.keep)) is None
+    metrics = {"data": "digits", "model": "mlp", "method": "bmrs_n", "accuracy_before": 0.9, "accuracy_after": 0.8,
+               "nll_before": 0.3, "nll_after": 0.4, "borderline": {"count": 3},
+               "parameters": {"before": 10, "after": 5, "removed_pct": 50.0},
+               "flops": {"before": 20, "after": 10, "removed_pct": 50.0},
+               "latency_ms": {"before": 1.0, "after": 0.5, "batch": 4}, **runs.structure_summary(reduction)}
+    table = runs.format_summary(metrics)
+    assert "note: 3 kept structures have -0.92 <= dF < 0" in table
+    assert re.search(r"structures\s+6\s+5\s+16\.7 %", table)
+
+
+@pytest.mark.slow
+def test_default_run(tmp_path, capsys):
+    """``bmrs run`` with every default (measured at about 20 s on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    assert main(["run", "--output", str(tmp_path), "--name", "default", "--quiet"]) == 0
+    assert torch.get_num_threads() == threads  # --threads is restored after the run
+    run = tmp_path / "default"
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == RunConfig().epochs and config["prune_every"] == runs.DEFAULT_PRUNE_EVERY
+    assert config["kl_weight"] == 1.0 and config["hidden"] == [100, 100] and config["activation"] == "tanh"
+    assert metrics["accuracy_after"] >= 0.95
+    assert len(metrics["pruning_events"]) == RunConfig().epochs // runs.DEFAULT_PRUNE_EVERY
+    assert (run / "report.html").is_file()
+    assert "accuracy (test)" in capsys.readouterr().out
