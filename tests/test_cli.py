@@ -17,8 +17,6 @@ import bmrs_pyro.checkpoint as checkpoint_module
 from bmrs_pyro import runs
 from bmrs_pyro.cli import COMMANDS, main
 from bmrs_pyro.data import load
-from bmrs_pyro.guides import AutoTruncatedLogNormal
-from bmrs_pyro.models import mlp
 from bmrs_pyro.runs import RunConfig
 
 TINY = ["--hidden", "16", "--batch-size", "256", "--finetune-epochs", "1", "--quiet"]
@@ -146,6 +144,9 @@ def test_run_writes_the_run_folder(tmp_path, capsys, digits_test):
     final = torch.load(run / "final.pt", weights_only=False)
     assert trained["epoch"] == 2 and final["epoch"] == 3
     assert int(final["model_state"]["net.3.mask"].sum()) == kept
+    saved = runs.reduction_from_dict(final["extra"]["reduction"])
+    assert saved.method == "e_theta" and saved.kept_per_layer == {"net.3.theta": (kept, 16)}
+    assert torch.equal(saved.keep["net.3.theta"], final["model_state"]["net.3.mask"].bool())
     acc_b, nll_b = accuracy_and_nll(trained, use_mask=False)
     acc_a, nll_a = accuracy_and_nll(final, use_mask=True)
     assert metrics["accuracy_before"] == pytest.approx(acc_b, abs=1e-12)
