@@ -386,3 +386,18 @@ def test_one_pass_elbo_falls_back_for_other_latent_sites():
     x, y = torch.randn(4, 3), torch.randn(4)
     assert torch.isfinite(elbo.differentiable_loss(model, guide, x, y))
     assert elbo.used_fallback
+
+
+def test_guide_lr_gives_the_variational_parameters_their_own_rate(noisy_mlp):
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    model = noisy_mlp((5, 4, 3))
+    guide = AutoTruncatedLogNormal(model)
+    hist = fit(model, guide, (x, y), epochs=1, batch_size=16, lr=1e-3, guide_lr=0.1, progress=False)
+    groups = hist.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in guide.parameters()}
+    # one Adam step moves each parameter by about its learning rate
+    loc, _ = guide.loc_scale("noise.0.theta")
+    assert 0.05 < loc.detach().abs().max().item() <= 0.1 + 1e-6
+    with pytest.raises(ValueError, match="guide_lr"):
+        fit(model, guide, (x, y), epochs=1, guide_lr=0.0, progress=False)
