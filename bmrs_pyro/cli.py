@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 from .runs import DEFAULT_PRUNE_EVERY, RunConfig, parse_hidden
+from . import compare as _compare
 
 PROG = "bmrs"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -291,8 +292,8 @@ COMMANDS: list[Command] = [
             "Render figures/*.png and a self-contained report.html from a run folder's config.json, "
             "metrics.json and inference_data.nc.",
             _REPORT_EPILOG, _add_report_arguments, cmd_report),
-    # `bmrs compare` goes here: Command("compare", ..., _add_compare_arguments, cmd_compare),
-    # with the reusable steps taken from bmrs_pyro.runs (build_experiment, train, final_reduction, ...).
+    Command("compare", "run every pruning method over seeds into curves and a table",
+            _compare.DESCRIPTION, _compare.EPILOG, _compare.add_arguments, _compare.cmd_compare),
 ]
 
 _MAIN_EPILOG = """\

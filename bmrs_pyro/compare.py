@@ -1,0 +1,865 @@
+"""``bmrs compare``: every pruning method over several seeds on one network and data set.
+
+:func:`run_compare` trains and prunes with each chosen method of
+:data:`bmrs_pyro.baselines.METHODS` for seeds ``0 .. K-1`` (seed ``s`` also draws the
+train/validation split, so every method sees the same splits for a seed) and writes
+``<output>/<name>/``:
+
+- ``curves.json``: the settings and, per method and seed, the curve points, the stopping point,
+  the compaction at the stopping point and the wall time (:func:`record_of`);
+- ``accuracy_structures.png`` and ``accuracy_parameters.png``: accuracy against % structures /
+  % parameters removed, the mean curve per method with a band of +- 1 sd over seeds, each
+  method's own stopping point as a star (:func:`plot_curves`);
+- ``results.csv`` and ``results.md``: the table of :func:`summary_rows` (mean +- sd over seeds);
+- ``widths.md``: kept structures per layer at each method's stopping point, beside the true width
+  when the data set knows it (teacher-student).
+
+The six multiplicative-noise criteria (BMRS_N, BMRS_U-8, BMRS_U-4, SNR, E[theta], L2) share one
+procedure that starts with the same SVI fit; :func:`iter_noise_methods` fits once per seed and
+sweeps every criterion from that fit, which gives the same results as running each method on its
+own (tested) at a fraction of the time. The wall time of each such method still counts the whole
+fit plus its own sweep: what it would cost alone.
+
+Table quantities (:func:`summary_rows`), all per seed, then mean and sd over seeds:
+
+- ``within_1pt``: the largest % structures (and, separately, % parameters) removed among the
+  method's curve points and stopping point whose *test* accuracy is within 1 point of that seed's
+  unpruned test accuracy (:func:`compression_within`). It picks points with the test set, so it
+  is an oracle budget for comparison, not something a method could choose by itself.
+- ``stop``: the method's own stopping point (its rule); methods without one (E[theta], L2) show
+  blanks.
+- ``knee``: Kneedle (Satopaa et al. 2011, package ``kneed``) on accuracy against % parameters
+  removed (:func:`knee_point`); seeds where it finds none are left out and counted.
+- parameters and FLOPs of the compacted network at the stopping point
+  (:func:`bmrs_pyro.compaction.compression_stats` on one example, so FLOPs are per example;
+  where compaction does not apply, :func:`bmrs_pyro.curves.count_parameters` counts the
+  parameters and FLOPs stay blank; the ``compacted`` column says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import pyro
+import torch
+
+from .baselines import METHODS, MethodResult, NoiseCriterionMethod, get_method
+from .baselines.common import (Budget, Point, compression, last_within, removed_indices, seed_all, snapshot,
+                               total_parameters)
+from .baselines.noise_criteria import sweep_fractions
+from .criteria import get_criterion
+from .guides import AutoTruncatedLogNormal
+from .infer import evaluate, fit
+from .nn import noise_modules
+from .pruner import reduce
+
+__all__ = [
+    "CompareConfig",
+    "TOLERANCE",
+    "KNEE_SETTINGS",
+    "add_arguments",
+    "cmd_compare",
+    "compression_within",
+    "format_markdown",
+    "iter_noise_methods",
+    "knee_point",
+    "kept_width_rows",
+    "plot_curves",
+    "record_of",
+    "resolve_methods",
+    "run_compare",
+    "summary_rows",
+    "write_outputs",
+]
+
+#: Accuracy loss (points, i.e. percent) allowed for the "compression at <= 1 point" columns.
+TOLERANCE = 1.0
+
+#: Kneedle settings: accuracy falls as compression grows and bends down (concave, decreasing);
+#: S = 1 is the sensitivity recommended by Satopaa et al.; the curve is used as measured
+#: (interp1d, no smoothing), offline (the most pronounced knee of the whole curve).
+KNEE_SETTINGS: dict[str, Any] = {"S": 1.0, "curve": "concave", "direction": "decreasing",
+                                 "interp_method": "interp1d", "online": False}
+
+CURVES_FILE = "curves.json"
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+WIDTHS_MD = "widths.md"
+FIGURES = {"structures": "accuracy_structures.png", "parameters": "accuracy_parameters.png"}
+
+# Budgets of --quick: a smoke test that runs in seconds, not a comparison.
+_QUICK = {"epochs": 2, "finetune_epochs": 1, "rounds": 2, "round_epochs": 1, "fraction_step": 0.25,
+          "subset": 400}
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class CompareConfig:
+    """Every setting of one comparison.
+
+    ``methods``: registry names (:func:`resolve_methods`); ``seeds``: K, seeds 0..K-1;
+    ``epochs`` .. ``lr``: the :class:`~bmrs_pyro.baselines.Budget` every method gets;
+    ``fraction_step``: grid of the swept methods (noise criteria, RNI); ``hidden`` and
+    ``activation``: the mlp's; ``data_options``: passed to :func:`bmrs_pyro.data.load`
+    (e.g. ``{"subset": 500}``); ``workers``: processes run in parallel (each with ``threads`` torch
+    threads); ``overwrite``: replace an existing comparison folder.
+    """
+
+    data: str = "digits"
+    model: str = "mlp"
+    methods: tuple[str, ...] = ()
+    seeds: int = 3
+    epochs: int = 20
+    finetune_epochs: int = 1
+    rounds: int = 6
+    round_epochs: int = 2
+    batch_size: int = 64
+    lr: Optional[float] = None
+    fraction_step: float = 0.1
+    hidden: Optional[tuple[int, ...]] = (100, 100)
+    activation: str = "tanh"
+    data_options: dict = field(default_factory=dict)
+    output: str = "compare"
+    name: Optional[str] = None
+    workers: int = 1
+    threads: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(resolve_methods(self.methods or "all"))
+        if self.model != "mlp":
+            self.hidden = None
+        elif self.hidden is not None:
+            self.hidden = tuple(int(h) for h in self.hidden)
+        if self.name is None:
+            self.name = f"{self.data}-{self.model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        for key in ("seeds", "workers", "threads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if not 0 < self.fraction_step <= 1:
+            raise ValueError(f"fraction_step must be in (0, 1], got {self.fraction_step!r}")
+        self.budget()  # validates epochs, rounds, batch size and lr
+
+    def budget(self) -> Budget:
+        """The :class:`~bmrs_pyro.baselines.Budget` of every method."""
+        return Budget(epochs=self.epochs, finetune_epochs=self.finetune_epochs, rounds=self.rounds,
+                      round_epochs=self.round_epochs, batch_size=self.batch_size, lr=self.lr)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of :func:`bmrs_pyro.models.build` beyond shape and classes."""
+        return {"hidden": self.hidden, "activation": self.activation} if self.model == "mlp" else {}
+
+    def method_options(self, name: str) -> dict:
+        """The options this comparison passes to method ``name`` (the sweep grid where it has one)."""
+        return {"fraction_step": self.fraction_step} if "fraction_step" in get_method(name).defaults else {}
+
+    def to_dict(self) -> dict:
+        """JSON-friendly settings."""
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["hidden"] = None if self.hidden is None else list(self.hidden)
+        return d
+
+
+def resolve_methods(spec: str | Sequence[str]) -> list[str]:
+    """``"all"``, ``"m1,m2"`` or a list of names -> registry names in the given order.
+
+    Raises ValueError naming the valid methods for an unknown or empty selection.
+    """
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        what = f"unknown method(s) {', '.join(unknown)}" if unknown else "no method given"
+        raise ValueError(f"{what}; valid methods: all, {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def _load_data(config: CompareConfig, seed: int):
+    from .data import load
+
+    return load(config.data, seed=seed, **config.data_options)
+
+
+def _builder(config: CompareConfig, data) -> Callable[[], torch.nn.Module]:
+    from bmrs_pyro.models.registry import build
+
+    kwargs = config.model_kwargs()
+    return lambda: build(config.model, data.input_shape, data.num_classes, **kwargs)
+
+
+def check_config(config: CompareConfig) -> None:
+    """Load the data of seed 0 and build the model once, so bad names fail before any training."""
+    from bmrs_pyro.models import MODELS
+
+    from .data import DATASETS
+
+    if config.data not in DATASETS:
+        raise ValueError(f"unknown data set {config.data!r}; valid data sets: {', '.join(DATASETS)}")
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; valid models: {', '.join(MODELS)}")
+    data = _load_data(config, 0)
+    model = _builder(config, data)()
+    if not noise_modules(model):
+        raise ValueError(f"model {config.model!r} has no noise layer: nothing to prune")
+
+
+# ------------------------------------------------------------------- the shared-fit noise criteria
+
+
+def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.nn.Module], data, *, seed: int = 0,
+                       budget: Budget | Mapping | None = None,
+                       options: Optional[Mapping[str, Mapping]] = None) -> Iterator[MethodResult]:
+    """Run several multiplicative-noise criteria from ONE SVI fit; yield a result per method.
+
+    Each result equals ``METHODS[name].run(model_builder, data, seed=seed, budget=budget,
+    **options[name])`` (the procedure of :class:`~bmrs_pyro.baselines.NoiseCriterionMethod`),
+    but the fit is shared: every method's sweep starts from the same trained snapshot. The
+    methods share one model, so use each yielded ``result.model`` (pruned at its stopping point)
+    before asking for the next one. ``wall_time`` = fit + that method's own sweep.
+
+    Raises ValueError if a name is not a noise criterion, or the methods would train differently
+    (learning rate or ``kl_weight``).
+    """
+    methods = [get_method(n) for n in names]
+    for m in methods:
+        if not isinstance(m, NoiseCriterionMethod):
+            raise ValueError(f"{m.name} is not a multiplicative-noise criterion; run it with METHODS[{m.name!r}].run")
+    budget = Budget.coerce(budget)
+    opts = {m.name: m.check_options(dict((options or {}).get(m.name, {}))) for m in methods}
+    training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"])) for m in methods}
+    if len(training) > 1:
+        raise ValueError(f"the methods train with different (lr, kl_weight) {sorted(training)}; run them apart")
+    (lr, kl_weight), = training
+    start = time.perf_counter()
+    with pyro.get_param_store().scope():
+        seed_all(seed)
+        model = model_builder()
+        layers = noise_modules(model)
+        if not layers:
+            raise ValueError("the model has no MultiplicativeNoise layer to prune")
+        guide = AutoTruncatedLogNormal(model)
+        train_options = dict(batch_size=budget.batch_size, lr=lr, kl_weight=kl_weight, progress=False)
+        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
+        x_train = data.train[0]
+        num_structures = sum(layer.num_structures for layer in layers.values())
+        unpruned_test = evaluate(model, guide, data.test)["accuracy"]
+        unpruned_val = evaluate(model, guide, data.val)["accuracy"]
+        trained = (snapshot(model), snapshot(guide))
+        fit_time = time.perf_counter() - start
+
+        for method in methods:
+            t0 = time.perf_counter()
+            o = opts[method.name]
+            crit = get_criterion(method.criterion)
+            crit_options = dict(method.criterion_options, **(o["criterion_options"] or {}))
+            fractions = o["fractions"]
+            fractions = sweep_fractions(num_structures, o["fraction_step"]) if fractions is None else sorted(
+                float(f) for f in fractions)
+
+            def point(fraction: Optional[float], keep_result: bool = False) -> Point:
+                result = reduce(model, guide, crit, fraction=fraction, **crit_options)
+                result.apply()
+                s, p = compression(model, result.keep, x_train)
+                if budget.finetune_epochs > 0:
+                    fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **train_options)
+                pt = Point(structures_removed=s, parameters_removed=p,
+                           accuracy=evaluate(model, guide, data.test)["accuracy"],
+                           val_accuracy=evaluate(model, guide, data.val)["accuracy"],
+                           step=fraction, kept_per_layer=dict(result.kept_per_layer),
+                           removed=removed_indices(result.keep))
+                if not keep_result:
+                    _load(model, guide, trained)
+                return pt
+
+            _load(model, guide, trained)
+            curve = [point(f) for f in fractions]
+            stop: Optional[Point] = None
+            if crit.has_rule:
+                stop = point(None, keep_result=True)
+            elif o["stop_tolerance"] is not None:
+                best = last_within(curve, unpruned_val, float(o["stop_tolerance"]))
+                stop = point(curve[best].step, keep_result=True)
+            result = MethodResult(
+                method=method.name, unpruned_accuracy=unpruned_test, unpruned_val_accuracy=unpruned_val,
+                curve=curve, stop=stop, model=model, guide=guide, num_structures=num_structures,
+                num_parameters=total_parameters(model, x_train),
+                info={"criterion": crit.name, "criterion_options": crit_options, "elbo": list(history.elbo),
+                      "fractions": fractions, "options": dict(o), "budget": asdict(budget), "shared_fit": True})
+            result.wall_time = fit_time + time.perf_counter() - t0
+            yield result
+
+
+def _load(model, guide, states) -> None:
+    model.load_state_dict(states[0])
+    guide.load_state_dict(states[1])
+
+
+# --------------------------------------------------------------------------------- one record
+
+
+def compaction_at_stop(result: MethodResult, x: torch.Tensor) -> Optional[dict]:
+    """Parameters and FLOPs (per example) of ``result.model`` compacted at its stopping point.
+
+    ``how`` is ``"compaction"`` (:func:`bmrs_pyro.compaction.compression_stats`) or, where that
+    fails, ``"count_parameters"`` (:func:`bmrs_pyro.curves.count_parameters`, FLOPs None) with
+    the reason. None when the method has no stopping point.
+    """
+    if result.stop is None:
+        return None
+    from .compaction import compression_stats
+    from .curves import count_parameters
+
+    guide = result.guide if isinstance(result.guide, AutoTruncatedLogNormal) else None
+    model = result.model
+    was_training = model.training
+    model.eval()
+    try:
+        stats = compression_stats(model, guide, example_input=x[:1])
+        return {"how": "compaction", "params_before": stats["params_before"], "params_after": stats["params_after"],
+                "flops_before": stats["flops_before"], "flops_after": stats["flops_after"],
+                "max_abs_diff": stats["max_abs_diff"]}
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as err:
+        kept, total = count_parameters(model, inputs=((x[:2],), {}))
+        return {"how": "count_parameters", "params_before": total, "params_after": kept, "flops_before": None,
+                "flops_after": None, "reason": f"{type(err).__name__}: {err}"}
+    finally:
+        model.train(was_training)
+
+
+def _point(p: Point) -> dict:
+    return {"structures_removed": float(p.structures_removed), "parameters_removed": float(p.parameters_removed),
+            "accuracy": float(p.accuracy), "val_accuracy": None if p.val_accuracy is None else float(p.val_accuracy),
+            "step": p.step if isinstance(p.step, (int, float)) or p.step is None else str(p.step),
+            "kept_per_layer": {k: [int(v[0]), int(v[1])] for k, v in p.kept_per_layer.items()}}
+
+
+def record_of(result: MethodResult, seed: int, x: torch.Tensor) -> dict:
+    """The JSON record of one method x seed: curve, stop, compaction at the stop, wall time.
+
+    The removed indices and method internals (importances, ELBO traces) are left out to keep
+    ``curves.json`` small.
+    """
+    return {"method": result.method, "seed": seed, "unpruned_accuracy": float(result.unpruned_accuracy),
+            "unpruned_val_accuracy": result.unpruned_val_accuracy, "num_structures": int(result.num_structures),
+            "num_parameters": int(result.num_parameters), "wall_time": float(result.wall_time),
+            "curve": [_point(p) for p in result.curve],
+            "stop": None if result.stop is None else _point(result.stop),
+            "compaction": compaction_at_stop(result, x)}
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def _tasks(config: CompareConfig) -> list[tuple[tuple[str, ...], int]]:
+    """(methods, seed) units of work: the noise criteria of a seed together, the others alone."""
+    noise = tuple(m for m in config.methods if isinstance(METHODS[m], NoiseCriterionMethod))
+    others = [m for m in config.methods if m not in noise]
+    tasks = []
+    for seed in range(config.seeds):
+        if noise:
+            tasks.append((noise, seed))
+        tasks += [((m,), seed) for m in others]
+    return tasks
+
+
+def _run_task(config: CompareConfig, methods: tuple[str, ...], seed: int) -> list[dict]:
+    torch.set_num_threads(config.threads)
+    data = _load_data(config, seed)
+    builder = _builder(config, data)
+    budget = config.budget()
+    x = data.train[0]
+    if isinstance(METHODS[methods[0]], NoiseCriterionMethod):
+        options = {m: config.method_options(m) for m in methods}
+        return [record_of(r, seed, x) for r in iter_noise_methods(methods, builder, data, seed=seed, budget=budget,
+                                                                  options=options)]
+    name = methods[0]
+    result = METHODS[name].run(builder, data, seed=seed, budget=budget, **config.method_options(name))
+    return [record_of(result, seed, x)]
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_compare(config: CompareConfig, *, progress: bool = True, write: bool = True) -> dict:
+    """Run every method of ``config`` over its seeds; write the outputs (unless ``write=False``).
+
+    Returns ``{"config", "records", "rows", "dir"}``: the settings, one :func:`record_of` per
+    method x seed, the :func:`summary_rows` and the output folder (None without ``write``).
+    """
+    check_config(config)
+    run_dir = _prepare_dir(config) if write else None
+    tasks = _tasks(config)
+    total = sum(len(m) for m, _ in tasks)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, disable=not progress, desc=f"compare {config.data}-{config.model}", unit="run")
+    records: list[dict] = []
+    try:
+        if config.workers == 1:
+            for methods, seed in tasks:
+                bar.set_postfix_str(f"{'+'.join(methods)} seed {seed}")
+                got = _run_task(config, methods, seed)
+                records += got
+                bar.update(len(got))
+        else:
+            # spawn: a forked child inherits the parent's torch thread pools and Pyro state.
+            ctx = multiprocessing.get_context("spawn")
+            order = sorted(tasks, key=lambda t: -len(t[0]))  # the long shared-fit tasks first
+            with ProcessPoolExecutor(config.workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(config.threads,)) as pool:
+                futures = {pool.submit(_run_task, config, m, s): (m, s) for m, s in order}
+                for fut in as_completed(futures):
+                    got = fut.result()
+                    records += got
+                    bar.update(len(got))
+    finally:
+        bar.close()
+    rank = {m: i for i, m in enumerate(config.methods)}
+    records.sort(key=lambda r: (rank[r["method"]], r["seed"]))
+    out = {"config": config.to_dict(), "records": records, "rows": summary_rows(records, config.methods),
+           "dir": run_dir}
+    if write:
+        data0 = _load_data(config, 0)
+        out["teacher_width"] = data0.info.get("teacher_width")
+        write_outputs(run_dir, out)
+    return out
+
+
+def _prepare_dir(config: CompareConfig) -> Path:
+    run_dir = Path(config.output) / str(config.name)
+    if (run_dir / CURVES_FILE).exists() and not config.overwrite:
+        raise ValueError(f"{run_dir} already holds a comparison; pick another --name or pass --overwrite")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write {run_dir}: {err.strerror or err}; pick another --output") from None
+    return run_dir
+
+
+# ------------------------------------------------------------------------------- the metrics
+
+
+def compression_within(points: Sequence[Mapping], unpruned_accuracy: float,
+                       tolerance: float = TOLERANCE) -> tuple[float, float]:
+    """(largest % structures removed, largest % parameters removed) among ``points`` whose
+    accuracy is at most ``tolerance`` points below ``unpruned_accuracy``.
+
+    Accuracies are fractions in [0, 1], ``tolerance`` is in points (percent). The two maxima are
+    taken separately; the unpruned network (0, 0) always qualifies.
+    """
+    s_best = p_best = 0.0
+    for pt in points:
+        if 100.0 * (unpruned_accuracy - float(pt["accuracy"])) <= tolerance + 1e-9:
+            s_best = max(s_best, float(pt["structures_removed"]))
+            p_best = max(p_best, float(pt["parameters_removed"]))
+    return s_best, p_best
+
+
+def knee_point(x: Sequence[float], y: Sequence[float]) -> Optional[tuple[float, float]]:
+    """The Kneedle knee ``(x, y)`` of a falling accuracy curve, or None if there is none.
+
+    Points are sorted by ``x``; equal ``x`` are merged by their mean ``y``. Fewer than three
+    distinct ``x``, a flat curve or one with no bend give None. Settings: :data:`KNEE_SETTINGS`.
+    """
+    import warnings
+
+    from kneed import KneeLocator
+
+    xs = np.asarray(x, dtype=float)
+    ys = np.asarray(y, dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    ux = np.unique(xs)
+    if ux.size < 3:
+        return None
+    uy = np.array([ys[xs == v].mean() for v in ux])
+    if np.ptp(uy) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kneed warns when it finds no knee; None says so
+        kl = KneeLocator(ux, uy, **KNEE_SETTINGS)
+    if kl.knee is None:
+        return None
+    k = float(kl.knee)
+    return k, float(uy[np.argmin(np.abs(ux - k))])
+
+
+def _mean_sd(values: Sequence[Optional[float]]) -> tuple[float, float, int]:
+    v = np.array([float(a) for a in values if a is not None and np.isfinite(a)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
+
+
+#: Table columns: key, header, format ("pct": accuracy fraction shown in %, "f1": one decimal, "int").
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("unpruned_acc", "unpruned acc %", "pct"),
+    ("within_structures", "struct. removed % (<=1pt)", "f1"),
+    ("within_parameters", "params removed % (<=1pt)", "f1"),
+    ("stop_structures", "stop: struct. removed %", "f1"),
+    ("stop_parameters", "stop: params removed %", "f1"),
+    ("stop_acc", "stop: acc %", "pct"),
+    ("stop_loss", "stop: acc loss (pts)", "f2"),
+    ("knee_parameters", "knee: params removed %", "f1"),
+    ("knee_acc", "knee: acc %", "pct"),
+    ("params_after", "params at stop", "int"),
+    ("flops_after", "FLOPs/example at stop", "int"),
+    ("wall_time", "wall time s", "f1"),
+)
+
+
+def per_seed_values(record: Mapping) -> dict[str, Optional[float]]:
+    """The table quantities of one method x seed record (None where they do not exist)."""
+    base = float(record["unpruned_accuracy"])
+    stop = record.get("stop")
+    points = list(record["curve"]) + ([stop] if stop else [])
+    ws, wp = compression_within(points, base)
+    curve = record["curve"]
+    knee = knee_point([p["parameters_removed"] for p in curve], [p["accuracy"] for p in curve])
+    comp = record.get("compaction") or {}
+    return {
+        "unpruned_acc": base, "within_structures": ws, "within_parameters": wp,
+        "stop_structures": stop["structures_removed"] if stop else None,
+        "stop_parameters": stop["parameters_removed"] if stop else None,
+        "stop_acc": stop["accuracy"] if stop else None,
+        "stop_loss": 100.0 * (base - stop["accuracy"]) if stop else None,
+        "knee_parameters": knee[0] if knee else None, "knee_acc": knee[1] if knee else None,
+        "params_after": comp.get("params_after"), "flops_after": comp.get("flops_after"),
+        "wall_time": record.get("wall_time"),
+    }
+
+
+def summary_rows(records: Sequence[Mapping], methods: Optional[Sequence[str]] = None) -> list[dict]:
+    """One row per method: ``<key>_mean``, ``<key>_sd``, ``<key>_n`` for every :data:`COLUMNS` key,
+    plus ``seeds``, ``knee_found`` (seeds with a knee) and ``compacted`` (how params were counted)."""
+    methods = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for m in methods:
+        recs = [r for r in records if r["method"] == m]
+        if not recs:
+            continue
+        values = [per_seed_values(r) for r in recs]
+        row: dict[str, Any] = {"method": m, "seeds": len(recs)}
+        for key, _, _ in COLUMNS:
+            mean, sd, n = _mean_sd([v[key] for v in values])
+            row.update({f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_n": n})
+        row["knee_found"] = sum(v["knee_parameters"] is not None for v in values)
+        hows = sorted({(r.get("compaction") or {}).get("how") for r in recs} - {None})
+        row["compacted"] = "+".join(hows) if hows else ""
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean: float, sd: float, kind: str) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    k = 100.0 if kind == "pct" else 1.0
+    if kind == "int":
+        text = f"{mean:,.0f}"
+        return text if not np.isfinite(sd) else f"{text} ± {sd:,.0f}"
+    digits = 2 if kind == "f2" else 1
+    text = f"{k * mean:.{digits}f}"
+    return text if not np.isfinite(sd) else f"{text} ± {k * sd:.{digits}f}"
+
+
+def format_markdown(rows: Sequence[Mapping]) -> str:
+    """The table as GitHub markdown, mean ± sd over seeds (a dash where a method has no value)."""
+    head = ["method", "seeds"] + [h for _, h, _ in COLUMNS] + ["knee found", "counted by"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"`{r['method']}`", str(r["seeds"])]
+        cells += [_fmt(r[f"{k}_mean"], r[f"{k}_sd"], kind) for k, _, kind in COLUMNS]
+        cells += [f"{r['knee_found']}/{r['seeds']}", r["compacted"] or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _csv_text(rows: Sequence[Mapping]) -> str:
+    keys = ["method", "seeds"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "sd", "n")] + \
+        ["knee_found", "compacted"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(r[k], float) and not np.isfinite(r[k]) else r[k]) for k in keys})
+    return buf.getvalue()
+
+
+def kept_width_rows(records: Sequence[Mapping], methods: Optional[Sequence[str]] = None) -> list[dict]:
+    """Per method, per noise site: kept structures at the stopping point (mean, sd, total, seeds)."""
+    methods = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
+    rows = []
+    for m in methods:
+        stops = [r["stop"] for r in records if r["method"] == m and r.get("stop")]
+        if not stops:
+            continue
+        for site in stops[0]["kept_per_layer"]:
+            kept = [s["kept_per_layer"][site][0] for s in stops]
+            mean, sd, n = _mean_sd(kept)
+            rows.append({"method": m, "site": site, "kept_mean": mean, "kept_sd": sd,
+                         "total": stops[0]["kept_per_layer"][site][1], "seeds": n})
+    return rows
+
+
+def format_widths(rows: Sequence[Mapping], true_width: Optional[int] = None) -> str:
+    """Markdown table of :func:`kept_width_rows` (one column per layer), with the true width if known."""
+    sites = list(dict.fromkeys(r["site"] for r in rows))
+    totals = {r["site"]: r["total"] for r in rows}
+    head = ["method"] + [f"{s} (of {totals[s]})" for s in sites]
+    lines = []
+    if true_width is not None:
+        lines.append(f"True width (the teacher's hidden layer): **{true_width}**.\n")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = [f"`{m}`"]
+        for s in sites:
+            r = next((r for r in rows if r["method"] == m and r["site"] == s), None)
+            cells.append("-" if r is None else _fmt(r["kept_mean"], r["kept_sd"], "f1"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the figures
+
+
+def _styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
+    from bmrs_pyro.analysis.palette import method_colour
+
+    # A colour per method in registry order; past the palette's 8 colours the line turns dashed.
+    return {m: (method_colour(i), "-" if i < 8 else "--") for i, m in enumerate(methods)}
+
+
+def _mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd over seeds of the curves interpolated on ``grid`` (NaN where fewer than half cover)."""
+    rows = []
+    for xs, ys in curves:
+        ux = np.unique(xs)
+        uy = np.array([ys[xs == v].mean() for v in ux])
+        row = np.full(grid.shape, np.nan)
+        if ux.size == 1:
+            row[np.isclose(grid, ux[0], atol=0.26)] = uy[0]
+        else:
+            inside = (grid >= ux[0]) & (grid <= ux[-1])
+            row[inside] = np.interp(grid[inside], ux, uy)
+        rows.append(row)
+    a = np.array(rows)
+    count = np.isfinite(a).sum(0)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(a, 0)
+            sd = np.nanstd(a, 0)
+    enough = count >= max(1, math.ceil(len(curves) / 2))
+    mean[~enough] = np.nan
+    sd[~enough] = np.nan
+    return mean, sd
+
+
+def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = "parameters", title: str = ""):
+    """Accuracy (%) against % ``x`` removed (``"structures"`` or ``"parameters"``): per method the
+    mean curve over seeds with a +- 1 sd band and its stopping point (mean +- sd as a star with
+    error bars). More than six methods are split into two panels: the multiplicative-noise
+    criteria, and the other methods with BMRS_N repeated for reference. Returns a Figure."""
+    from matplotlib.figure import Figure
+
+    if x not in FIGURES:
+        raise ValueError(f"x must be one of {tuple(FIGURES)}, got {x!r}")
+    key = f"{x}_removed"
+    present = [m for m in methods if any(r["method"] == m for r in records)]
+    styles = _styles(present)
+    noise = [m for m in present if isinstance(METHODS.get(m), NoiseCriterionMethod)]
+    others = [m for m in present if m not in noise]
+    if len(present) > 6 and noise and others:
+        ref = ["bmrs_n"] if "bmrs_n" in noise else noise[:1]
+        panels = [("multiplicative-noise criteria", noise), ("other methods (" + ref[0] + " for reference)",
+                                                             ref + others)]
+    else:
+        panels = [("", present)]
+    fig = Figure(figsize=(6.4 * len(panels), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    grid = np.linspace(0.0, 100.0, 401)
+    lowest = 100.0
+    for ax, (sub, group) in zip(axes, panels):
+        for m in group:
+            colour, ls = styles[m]
+            recs = [r for r in records if r["method"] == m]
+            curves = [(np.array([p[key] for p in r["curve"]], float), 100 * np.array([p["accuracy"] for p in r["curve"]]))
+                      for r in recs if r["curve"]]
+            mean, sd = _mean_band(curves, grid) if curves else (np.full(grid.shape, np.nan),) * 2
+            ok = np.isfinite(mean)
+            label = m
+            if ok.any():
+                ax.plot(grid[ok], mean[ok], color=colour, linestyle=ls, linewidth=1.6, label=label)
+                ax.fill_between(grid, mean - sd, mean + sd, where=ok, color=colour, alpha=0.15, linewidth=0)
+                lowest = min(lowest, float(np.nanmin(mean)))
+                label = None
+            stops = [r["stop"] for r in recs if r.get("stop")]
+            if stops:
+                sx = np.array([s[key] for s in stops], float)
+                sy = 100 * np.array([s["accuracy"] for s in stops], float)
+                ax.errorbar([sx.mean()], [sy.mean()], xerr=[sx.std()], yerr=[sy.std()], fmt="*", markersize=13,
+                            color=colour, markeredgecolor="black", markeredgewidth=0.7, elinewidth=1.0, capsize=2,
+                            label=label, zorder=5)
+                lowest = min(lowest, float(sy.mean()))
+        ax.set_xlim(-2, 102)
+        ax.set_xlabel(f"{x} removed (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(sub, fontsize=9)
+        ax.legend(loc="lower left", fontsize=7.5, framealpha=0.9, ncol=2 if len(group) > 4 else 1)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylim(max(0.0, lowest - 5.0), 100.5)
+    fig.suptitle(title or f"Accuracy against {x} removed\nmean ± sd over seeds; ★ = own stopping point",
+                 fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def write_outputs(run_dir: str | os.PathLike, out: Mapping, *, dpi: int = 90) -> dict[str, Path]:
+    """Write ``curves.json``, the two figures, ``results.csv``, ``results.md`` and ``widths.md``."""
+    from .runs import atomic_write_json, atomic_write_text
+
+    run_dir = Path(run_dir)
+    records, rows = out["records"], out["rows"]
+    methods = out["config"]["methods"]
+    paths = {"curves": atomic_write_json(run_dir / CURVES_FILE, {
+        "config": out["config"], "tolerance_points": TOLERANCE, "knee_settings": KNEE_SETTINGS,
+        "teacher_width": out.get("teacher_width"), "records": records})}
+    title = f"{out['config']['data']} / {out['config']['model']}"
+    for x, fname in FIGURES.items():
+        fig = plot_curves(records, methods, x=x, title=f"{title}: test accuracy against {x} removed\n"
+                                                          f"mean ± sd over {out['config']['seeds']} seed(s); "
+                                                          "★ = own stopping point (mean ± sd)")
+        path = run_dir / fname
+        fig.savefig(path, dpi=dpi)
+        paths[x] = path
+    paths["csv"] = atomic_write_text(run_dir / RESULTS_CSV, _csv_text(rows))
+    paths["md"] = atomic_write_text(run_dir / RESULTS_MD, format_markdown(rows) + "\n")
+    paths["widths"] = atomic_write_text(run_dir / WIDTHS_MD, format_widths(kept_width_rows(records, methods),
+                                                                           out.get("teacher_width")) + "\n")
+    return paths
+
+
+def load_comparison(run_dir: str | os.PathLike) -> dict:
+    """``curves.json`` of a comparison folder, with ``rows`` recomputed."""
+    path = Path(run_dir) / CURVES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a folder written by `bmrs compare`")
+    data = json.loads(path.read_text())
+    data["rows"] = summary_rows(data["records"], data["config"]["methods"])
+    return data
+
+
+# ------------------------------------------------------------------------------- command line
+
+DESCRIPTION = ("Run every chosen pruning method over K seeds on the same network and data (seed s draws "
+               "the same train/validation split for every method) and write <output>/<name>/: curves.json, "
+               "accuracy-against-compression figures, results.csv, results.md and widths.md. Prints the "
+               "markdown table.")
+EPILOG = """\
+examples:
+  bmrs compare --quick                                    smoke test: every method, tiny budgets
+  bmrs compare --data digits --model mlp --methods bmrs_n,snr,iap --seeds 5
+  bmrs compare --data digits --model lenet5 --methods all --seeds 3 --epochs 30 --workers 2
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Options of ``bmrs compare`` (budget options default to None: --quick or the built-in budget)."""
+    from bmrs_pyro.models import MODELS
+
+    from .data import DATASETS
+
+    d = CompareConfig.__dataclass_fields__
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--data", choices=DATASETS, default="digits", help="data set")
+    g.add_argument("--model", choices=list(MODELS), default="mlp", help="network")
+    g.add_argument("--hidden", default=None, help="hidden widths of the mlp, comma-separated (default 100,100)")
+    g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default="tanh",
+                   help="activation of the mlp")
+    g.add_argument("--methods", default="all", help=f"'all' or a comma-separated list of {', '.join(METHODS)}")
+    g.add_argument("--seeds", type=int, default=d["seeds"].default, help="number of seeds (0..K-1)")
+    g.add_argument("--subset", type=int, default=None, help="keep this many training + validation examples")
+    g = p.add_argument_group("budget (defaults: the built-in budget, or --quick's)")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs before pruning ({d['epochs'].default})")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help=f"fine-tuning after each one-shot pruning ({d['finetune_epochs'].default})")
+    g.add_argument("--rounds", type=int, default=None, help=f"iterative methods' rounds ({d['rounds'].default})")
+    g.add_argument("--round-epochs", type=int, default=None,
+                   help=f"retraining epochs per round ({d['round_epochs'].default})")
+    g.add_argument("--fraction-step", type=float, default=None,
+                   help=f"grid step of the swept curves ({d['fraction_step'].default})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"minibatch size ({d['batch_size'].default})")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's own)")
+    g.add_argument("--quick", action="store_true",
+                   help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in _QUICK.items())}")
+    g = p.add_argument_group("running and output")
+    g.add_argument("--workers", type=int, default=1, help="processes in parallel")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    g.add_argument("--output", default="compare", help="folder that holds comparison folders")
+    g.add_argument("--name", default=None, help="comparison folder name (default <data>-<model>-<time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing comparison folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """A :class:`CompareConfig` from parsed ``bmrs compare`` arguments."""
+    from .runs import parse_hidden
+
+    budget = {k: getattr(args, k) for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
+                                             "batch_size", "lr")}
+    quick = dict(_QUICK) if args.quick else {}
+    data_options = {}
+    subset = args.subset if args.subset is not None else quick.pop("subset", None)
+    quick.pop("subset", None)
+    if subset is not None:
+        data_options["subset"] = subset
+    values = {k: v for k, v in quick.items()}
+    values.update({k: v for k, v in budget.items() if v is not None})
+    if args.hidden is not None and args.model != "mlp":
+        raise ValueError("--hidden applies to --model mlp only")
+    hidden = parse_hidden(args.hidden) if args.hidden is not None else (100, 100)
+    return CompareConfig(data=args.data, model=args.model, methods=tuple(resolve_methods(args.methods)),
+                         seeds=args.seeds, hidden=hidden, activation=args.activation, data_options=data_options,
+                         output=args.output, name=args.name, workers=args.workers, threads=args.threads,
+                         overwrite=args.overwrite, **values)
+
+
+def cmd_compare(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """``bmrs compare``: run, write the folder, print the markdown table; returns the exit code."""
+    import sys
+
+    config = config_from_args(args)
+    start = time.perf_counter()
+    out = run_compare(config, progress=not args.quiet)
+    print(format_markdown(out["rows"]))
+    if not args.quiet:
+        print(f"bmrs: wrote {out['dir']} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
