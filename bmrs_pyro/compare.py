@@ -81,6 +81,7 @@ __all__ = [
     "record_of",
     "resolve_methods",
     "run_compare",
+    "run_many",
     "summary_rows",
     "write_outputs",
 ]
@@ -193,10 +194,19 @@ def resolve_methods(spec: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+_DATA_CACHE: dict[str, Any] = {}
+
+
 def _load_data(config: CompareConfig, seed: int):
+    # Cached per process: MNIST-1D takes seconds to generate and a worker runs many tasks of a seed.
     from .data import load
 
-    return load(config.data, seed=seed, **config.data_options)
+    key = json.dumps([config.data, seed, config.data_options], sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        if len(_DATA_CACHE) > 16:
+            _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load(config.data, seed=seed, **config.data_options)
+    return _DATA_CACHE[key]
 
 
 def _builder(config: CompareConfig, data) -> Callable[[], torch.nn.Module]:
@@ -382,67 +392,102 @@ def _tasks(config: CompareConfig) -> list[tuple[tuple[str, ...], int]]:
 
 
 def _run_task(config: CompareConfig, methods: tuple[str, ...], seed: int) -> list[dict]:
+    """Records of ``methods`` at ``seed``; a method that raises gives an ``error`` record instead
+    (so one diverged run does not lose an hour of others)."""
     torch.set_num_threads(config.threads)
     data = _load_data(config, seed)
     builder = _builder(config, data)
     budget = config.budget()
     x = data.train[0]
-    if isinstance(METHODS[methods[0]], NoiseCriterionMethod):
-        options = {m: config.method_options(m) for m in methods}
-        return [record_of(r, seed, x) for r in iter_noise_methods(methods, builder, data, seed=seed, budget=budget,
-                                                                  options=options)]
-    name = methods[0]
-    result = METHODS[name].run(builder, data, seed=seed, budget=budget, **config.method_options(name))
-    return [record_of(result, seed, x)]
+    records: list[dict] = []
+    try:
+        if isinstance(METHODS[methods[0]], NoiseCriterionMethod):
+            options = {m: config.method_options(m) for m in methods}
+            for r in iter_noise_methods(methods, builder, data, seed=seed, budget=budget, options=options):
+                records.append(record_of(r, seed, x))
+        else:
+            name = methods[0]
+            result = METHODS[name].run(builder, data, seed=seed, budget=budget, **config.method_options(name))
+            records.append(record_of(result, seed, x))
+    except (ValueError, RuntimeError, ArithmeticError, NotImplementedError) as err:
+        done = {r["method"] for r in records}
+        records += [{"method": m, "seed": seed, "error": f"{type(err).__name__}: {err}"}
+                    for m in methods if m not in done]
+    return records
 
 
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _cost(config: CompareConfig, methods: tuple[str, ...]) -> float:
+    # Rough work of a task, to start the longest first: examples x epochs x methods.
+    n = int(config.data_options.get("subset") or config.data_options.get("num_samples") or 5000)
+    return n * config.epochs * len(methods)
+
+
 def run_compare(config: CompareConfig, *, progress: bool = True, write: bool = True) -> dict:
     """Run every method of ``config`` over its seeds; write the outputs (unless ``write=False``).
 
-    Returns ``{"config", "records", "rows", "dir"}``: the settings, one :func:`record_of` per
-    method x seed, the :func:`summary_rows` and the output folder (None without ``write``).
+    Returns ``{"config", "records", "rows", "dir", "teacher_width"}``: the settings, one
+    :func:`record_of` per method x seed, the :func:`summary_rows`, the output folder (None
+    without ``write``) and the data set's true width where it has one.
     """
-    check_config(config)
-    run_dir = _prepare_dir(config) if write else None
-    tasks = _tasks(config)
-    total = sum(len(m) for m, _ in tasks)
+    return run_many([config], workers=config.workers, progress=progress, write=write)[0]
+
+
+def run_many(configs: Sequence[CompareConfig], *, workers: int = 1, progress: bool = True, write: bool = True,
+             on_result: Optional[Callable[[CompareConfig, list], None]] = None) -> list[dict]:
+    """:func:`run_compare` for several comparisons sharing one pool of ``workers`` processes.
+
+    Every (methods, seed) task of every config goes into one queue, longest first, so no worker
+    idles at the end of one comparison while the next waits. ``on_result(config, records)`` is
+    called as each task finishes (e.g. to log). Returns one result dict per config, in order.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    for config in configs:
+        check_config(config)
+    dirs = [_prepare_dir(c) if write else None for c in configs]
+    jobs = [(i, m, s) for i, c in enumerate(configs) for m, s in _tasks(c)]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, disable=not progress, desc=f"compare {config.data}-{config.model}", unit="run")
-    records: list[dict] = []
+    label = configs[0].name if len(configs) == 1 else f"{len(configs)} comparisons"
+    bar = tqdm(total=sum(len(m) for _, m, _ in jobs), disable=not progress, desc=f"compare {label}", unit="run")
+    found: list[list[dict]] = [[] for _ in configs]
+
+    def done(i: int, got: list) -> None:
+        found[i] += got
+        bar.update(len(got))
+        if on_result is not None:
+            on_result(configs[i], got)
+
     try:
-        if config.workers == 1:
-            for methods, seed in tasks:
+        if workers == 1:
+            for i, methods, seed in jobs:
                 bar.set_postfix_str(f"{'+'.join(methods)} seed {seed}")
-                got = _run_task(config, methods, seed)
-                records += got
-                bar.update(len(got))
+                done(i, _run_task(configs[i], methods, seed))
         else:
-            # spawn: a forked child inherits the parent's torch thread pools and Pyro state.
+            # spawn: a forked child would inherit the parent's torch thread pools and Pyro state.
             ctx = multiprocessing.get_context("spawn")
-            order = sorted(tasks, key=lambda t: -len(t[0]))  # the long shared-fit tasks first
-            with ProcessPoolExecutor(config.workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(config.threads,)) as pool:
-                futures = {pool.submit(_run_task, config, m, s): (m, s) for m, s in order}
+            order = sorted(jobs, key=lambda j: -_cost(configs[j[0]], j[1]))
+            threads = max(c.threads for c in configs)
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = {pool.submit(_run_task, configs[i], m, s): i for i, m, s in order}
                 for fut in as_completed(futures):
-                    got = fut.result()
-                    records += got
-                    bar.update(len(got))
+                    done(futures[fut], fut.result())
     finally:
         bar.close()
-    rank = {m: i for i, m in enumerate(config.methods)}
-    records.sort(key=lambda r: (rank[r["method"]], r["seed"]))
-    out = {"config": config.to_dict(), "records": records, "rows": summary_rows(records, config.methods),
-           "dir": run_dir}
-    if write:
-        data0 = _load_data(config, 0)
-        out["teacher_width"] = data0.info.get("teacher_width")
-        write_outputs(run_dir, out)
-    return out
+    outs = []
+    for config, records, run_dir in zip(configs, found, dirs):
+        rank = {m: i for i, m in enumerate(config.methods)}
+        records.sort(key=lambda r: (rank[r["method"]], r["seed"]))
+        out = {"config": config.to_dict(), "records": records, "rows": summary_rows(records, config.methods),
+               "dir": run_dir, "teacher_width": _load_data(config, 0).info.get("teacher_width")}
+        if write:
+            write_outputs(run_dir, out)
+        outs.append(out)
+    return outs
 
 
 def _prepare_dir(config: CompareConfig) -> Path:
@@ -554,15 +599,17 @@ def per_seed_values(record: Mapping) -> dict[str, Optional[float]]:
 
 def summary_rows(records: Sequence[Mapping], methods: Optional[Sequence[str]] = None) -> list[dict]:
     """One row per method: ``<key>_mean``, ``<key>_sd``, ``<key>_n`` for every :data:`COLUMNS` key,
-    plus ``seeds``, ``knee_found`` (seeds with a knee) and ``compacted`` (how params were counted)."""
+    plus ``seeds`` (that ran), ``failed`` (that raised), ``knee_found`` (seeds with a knee) and
+    ``compacted`` (how the parameters were counted)."""
     methods = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
     rows = []
     for m in methods:
-        recs = [r for r in records if r["method"] == m]
-        if not recs:
+        failed = sum(1 for r in records if r["method"] == m and "error" in r)
+        recs = [r for r in records if r["method"] == m and "error" not in r]
+        if not recs and not failed:
             continue
         values = [per_seed_values(r) for r in recs]
-        row: dict[str, Any] = {"method": m, "seeds": len(recs)}
+        row: dict[str, Any] = {"method": m, "seeds": len(recs), "failed": failed}
         for key, _, _ in COLUMNS:
             mean, sd, n = _mean_sd([v[key] for v in values])
             row.update({f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_n": n})
@@ -590,7 +637,7 @@ def format_markdown(rows: Sequence[Mapping]) -> str:
     head = ["method", "seeds"] + [h for _, h, _ in COLUMNS] + ["knee found", "counted by"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['method']}`", str(r["seeds"])]
+        cells = [f"`{r['method']}`", str(r["seeds"]) + (f" ({r['failed']} failed)" if r.get("failed") else "")]
         cells += [_fmt(r[f"{k}_mean"], r[f"{k}_sd"], kind) for k, _, kind in COLUMNS]
         cells += [f"{r['knee_found']}/{r['seeds']}", r["compacted"] or "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -598,13 +645,13 @@ def format_markdown(rows: Sequence[Mapping]) -> str:
 
 
 def _csv_text(rows: Sequence[Mapping]) -> str:
-    keys = ["method", "seeds"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "sd", "n")] + \
+    keys = ["method", "seeds", "failed"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "sd", "n")] + \
         ["knee_found", "compacted"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if isinstance(r[k], float) and not np.isfinite(r[k]) else r[k]) for k in keys})
+        w.writerow({k: ("" if isinstance(r.get(k), float) and not np.isfinite(r[k]) else r.get(k, "")) for k in keys})
     return buf.getvalue()
 
 
@@ -613,7 +660,7 @@ def kept_width_rows(records: Sequence[Mapping], methods: Optional[Sequence[str]]
     methods = list(methods) if methods else list(dict.fromkeys(r["method"] for r in records))
     rows = []
     for m in methods:
-        stops = [r["stop"] for r in records if r["method"] == m and r.get("stop")]
+        stops = [r["stop"] for r in records if r["method"] == m and r.get("stop")]  # error records have none
         if not stops:
             continue
         for site in stops[0]["kept_per_layer"]:
@@ -691,7 +738,7 @@ def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = 
     if x not in FIGURES:
         raise ValueError(f"x must be one of {tuple(FIGURES)}, got {x!r}")
     key = f"{x}_removed"
-    present = [m for m in methods if any(r["method"] == m for r in records)]
+    present = [m for m in methods if any(r["method"] == m and "error" not in r for r in records)]
     styles = _styles(present)
     noise = [m for m in present if isinstance(METHODS.get(m), NoiseCriterionMethod)]
     others = [m for m in present if m not in noise]
@@ -708,7 +755,7 @@ def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = 
     for ax, (sub, group) in zip(axes, panels):
         for m in group:
             colour, ls = styles[m]
-            recs = [r for r in records if r["method"] == m]
+            recs = [r for r in records if r["method"] == m and "error" not in r]
             curves = [(np.array([p[key] for p in r["curve"]], float), 100 * np.array([p["accuracy"] for p in r["curve"]]))
                       for r in recs if r["curve"]]
             mean, sd = _mean_band(curves, grid) if curves else (np.full(grid.shape, np.nan),) * 2
@@ -860,6 +907,9 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     start = time.perf_counter()
     out = run_compare(config, progress=not args.quiet)
     print(format_markdown(out["rows"]))
+    errors = [r for r in out["records"] if "error" in r]
+    for r in errors:
+        print(f"bmrs: {r['method']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
     if not args.quiet:
         print(f"bmrs: wrote {out['dir']} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return 1 if errors else 0
