@@ -174,8 +174,10 @@ class RunConfig:
     method: str = "bmrs_n"
     fraction: Optional[float] = None
     bits: int = 8
+    reference_code: bool = False
     epochs: int = 100
     lr: float = 1e-2
+    guide_lr: float = 0.05
     batch_size: int = 128
     kl_weight: float = 1.0
     prune_every: Optional[int] = None
@@ -227,6 +229,8 @@ class RunConfig:
         _nonneg_int("bits", self.bits)
         if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (_is_number(self.guide_lr) and self.guide_lr > 0 and math.isfinite(self.guide_lr)):
+            raise ValueError(f"guide_lr must be a positive number, got {self.guide_lr!r}")
         if not (_is_number(self.kl_weight) and self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
             raise ValueError(f"kl_weight must be a finite number >= 0 (1 is the true ELBO), got {self.kl_weight!r}")
         if self.fraction is not None and not (_is_number(self.fraction) and 0 <= self.fraction <= 1):
@@ -276,8 +280,12 @@ class RunConfig:
 
     @property
     def method_options(self) -> dict:
-        """Keyword options of the pruning criterion (``bits`` for bmrs_u)."""
-        return {"bits": self.bits} if self.method == "bmrs_u" else {}
+        """Keyword options of the pruning criterion (``bits`` for bmrs_u, ``reference_code`` for bmrs_n)."""
+        if self.method == "bmrs_u":
+            return {"bits": self.bits}
+        if self.method == "bmrs_n" and self.reference_code:
+            return {"reference_code": True}
+        return {}
 
 
 def _is_number(value: Any) -> bool:
@@ -430,7 +438,14 @@ def build_experiment(config: RunConfig) -> Experiment:
     with torch.no_grad():
         guide(splits.train[0][:2].to(device))
     guide.to(device)
-    optimizer = torch.optim.Adam(trainable_parameters(model, guide), lr=config.lr)
+    # The variational parameters get their own rate: Adam moves a parameter ~lr per step and the
+    # posteriors live on log theta in [-20, 0] (see fit's guide_lr).
+    params = trainable_parameters(model, guide)
+    variational = {id(p) for p in guide.parameters()}
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in params if id(p) not in variational], "lr": config.lr},
+        {"params": [p for p in params if id(p) in variational], "lr": config.guide_lr},
+    ])
     return Experiment(config, splits, model, guide, optimizer, device)
 
 

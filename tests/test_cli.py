@@ -303,6 +303,7 @@ def test_unknown_names_list_the_valid_ones(option, value, listed, capsys, tmp_pa
     (["--lr", "0"], "--lr: must be a positive number"),
     (["--lr", "-0.1"], "--lr: must be a positive number"),
     (["--lr", "nan"], "--lr: must be a finite number"),
+    (["--guide-lr", "0"], "--guide-lr: must be a positive number"),
     (["--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["--kl-weight", "-1"], "--kl-weight: must be a number >= 0"),
     (["--hidden", "100,x"], "comma-separated positive integers"),
@@ -425,3 +426,14 @@ def test_default_run(tmp_path, capsys):
     assert len(metrics["pruning_events"]) == RunConfig().epochs // runs.DEFAULT_PRUNE_EVERY
     assert (run / "report.html").is_file()
     assert "accuracy (test)" in capsys.readouterr().out
+
+
+def test_guide_lr_and_reference_code_reach_the_optimizer_and_the_criterion():
+    cfg = RunConfig(guide_lr=0.07, reference_code=True, epochs=1, hidden=(4,)).resolved()
+    exp = runs.build_experiment(cfg)
+    assert [g["lr"] for g in exp.optimizer.param_groups] == [cfg.lr, 0.07]
+    assert {id(p) for p in exp.optimizer.param_groups[1]["params"]} == {id(p) for p in exp.guide.parameters()}
+    assert cfg.method_options == {"reference_code": True}
+    assert RunConfig(method="bmrs_u", reference_code=True).method_options == {"bits": 8}
+    with pytest.raises(ValueError, match="guide_lr"):
+        RunConfig(guide_lr=-1.0).validate()
