@@ -255,10 +255,12 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
             raise ValueError(f"{m.name} is not a multiplicative-noise criterion; run it with METHODS[{m.name!r}].run")
     budget = Budget.coerce(budget)
     opts = {m.name: m.check_options(dict((options or {}).get(m.name, {}))) for m in methods}
-    training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"])) for m in methods}
+    training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"]), float(opts[m.name]["guide_lr"]))
+                for m in methods}
     if len(training) > 1:
-        raise ValueError(f"the methods train with different (lr, kl_weight) {sorted(training)}; run them apart")
-    (lr, kl_weight), = training
+        raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr) {sorted(training)}; "
+                         "run them apart")
+    (lr, kl_weight, _), = training
     start = time.perf_counter()
     with pyro.get_param_store().scope():
         seed_all(seed)
@@ -267,7 +269,8 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
         if not layers:
             raise ValueError("the model has no MultiplicativeNoise layer to prune")
         guide = AutoTruncatedLogNormal(model)
-        train_options = dict(batch_size=budget.batch_size, lr=lr, kl_weight=kl_weight, progress=False)
+        train_options = dict(batch_size=budget.batch_size, lr=lr, guide_lr=float(opts[methods[0].name]["guide_lr"]),
+                             kl_weight=kl_weight, progress=False)
         history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
         x_train = data.train[0]
         num_structures = sum(layer.num_structures for layer in layers.values())

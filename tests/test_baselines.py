@@ -114,7 +114,7 @@ def removed_units(model) -> list[int]:
 
 
 def test_registry_names_citations_and_docstrings():
-    expected = {"bmrs_n", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2", "rni", "self_compression",
+    expected = {"bmrs_n", "bmrs_n_ref", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2", "rni", "self_compression",
                 "iap", "aiap", "ilp"}
     assert set(METHODS) == expected
     for name, method in METHODS.items():
@@ -209,7 +209,7 @@ def test_noise_criteria_remove_dead_units_first(name, digits_data):
     # more spread, a lower E[theta] and SNR, a higher dF), and its incoming weights stay at zero.
     # dF, SNR and E[theta] rank globally (4 of 32), L2 within each layer (4 of 16 per layer).
     fraction = 0.25 if name == "l2" else 0.125
-    result = METHODS[name].run(dead_mlp("zero", "tanh"), digits_data, fractions=[0.0, fraction],
+    result = METHODS[name].run(dead_mlp("zero", "tanh"), digits_data, fractions=[0.0, fraction], guide_lr=1e-2,
                                budget={"epochs": 2, "finetune_epochs": 0, "lr": 1e-2})
     site = first_site(result.model)
     assert result.curve[1].removed[site] == DEAD
