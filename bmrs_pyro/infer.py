@@ -374,6 +374,18 @@ def evaluate(
     _check_positive("num_samples", num_samples, int)
     data = _as_tensors(data, "data")
     pyro.set_rng_seed(seed)
+    # Evaluate with running BatchNorm statistics (and no dropout); restore the caller's mode.
+    was_training = model.training if isinstance(model, torch.nn.Module) else False
+    if was_training:
+        model.eval()
+    try:
+        return _evaluate(model, guide, data, mode, num_samples, batch_size, obs_site, device)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _evaluate(model, guide, data, mode, num_samples, batch_size, obs_site, device) -> dict:
     correct, nll, count = 0, 0.0, 0
     for x, y in iterate_batches(data, batch_size, shuffle=False, device=device):
         if mode == "mean":

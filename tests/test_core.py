@@ -401,3 +401,25 @@ def test_guide_lr_gives_the_variational_parameters_their_own_rate(noisy_mlp):
     assert 0.05 < loc.detach().abs().max().item() <= 0.1 + 1e-6
     with pytest.raises(ValueError, match="guide_lr"):
         fit(model, guide, (x, y), epochs=1, guide_lr=0.0, progress=False)
+
+
+def test_evaluate_uses_running_batchnorm_statistics_and_restores_the_mode():
+    from bmrs_pyro.nn import NoisyClassifier
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                              MultiplicativeNoise(6), torch.nn.Linear(6, 3))
+    model = NoisyClassifier(net)
+    guide = AutoTruncatedLogNormal(model)
+    x, y = torch.randn(20, 4) * 3 + 1, torch.randint(0, 3, (20,))
+    guide(x, y)
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)  # far from the batch mean: train-mode BN would ignore it
+    before = net[1].running_mean.clone()
+    metrics = evaluate(model, guide, (x, y))
+    assert torch.equal(net[1].running_mean, before)  # no running-stat update: eval mode was used
+    assert model.training  # restored
+    model.eval()
+    with noise_mode(model, "mean"):
+        log_p = torch.log_softmax(model.logits(x), -1)
+    expected = -log_p.gather(-1, y.unsqueeze(-1)).mean().item()
+    assert metrics["nll"] == pytest.approx(expected, rel=1e-5)
