@@ -22,6 +22,9 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	MPLBACKEND=Agg $(VENV)/bin/bmrs run
 
+results: $(STAMP)
+	MPLBACKEND=Agg $(PY) scripts/make_results.py
+
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "# $$f"; $(PY) $$f; done
 

@@ -424,9 +424,13 @@ def _worker_init(threads: int) -> None:
 
 
 def _cost(config: CompareConfig, methods: tuple[str, ...]) -> float:
-    # Rough work of a task, to start the longest first: examples x epochs x methods.
-    n = int(config.data_options.get("subset") or config.data_options.get("num_samples") or 5000)
-    return n * config.epochs * len(methods)
+    """Rough work of a task in example-epochs, to start the longest tasks first."""
+    n = len(_load_data(config, 0).train[1]) * (3 if config.model != "mlp" else 1)
+    if isinstance(METHODS[methods[0]], NoiseCriterionMethod):
+        points = math.floor(1 / config.fraction_step) + 2  # the grid, the guard point and the stop
+        return n * (config.epochs + len(methods) * points * max(config.finetune_epochs, 0.3))
+    # SVI over Bayesian weights costs several times a deterministic epoch.
+    return n * (config.epochs + config.rounds * config.round_epochs) * (8 if methods[0] == "self_compression" else 1)
 
 
 def run_compare(config: CompareConfig, *, progress: bool = True, write: bool = True) -> dict:
@@ -695,11 +699,21 @@ def format_widths(rows: Sequence[Mapping], true_width: Optional[int] = None) -> 
 # ------------------------------------------------------------------------------- the figures
 
 
-def _styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
-    from bmrs_pyro.analysis.palette import method_colour
+def _styles(group: Sequence[str], reference: Optional[str] = None) -> dict[str, tuple[str, str]]:
+    """Colour and line style per method of one panel: distinct colours within the panel (Okabe-Ito,
+    yellow last), ``reference`` always blue; past the palette the lines turn dashed."""
+    from bmrs_pyro.analysis.palette import METHOD_CYCLE
 
-    # A colour per method in registry order; past the palette's 8 colours the line turns dashed.
-    return {m: (method_colour(i), "-" if i < 8 else "--") for i, m in enumerate(methods)}
+    blue = METHOD_CYCLE[0]
+    free = [c for c in METHOD_CYCLE if c != blue] if reference in group else list(METHOD_CYCLE)
+    out, i = {}, 0
+    for m in group:
+        if m == reference:
+            out[m] = (blue, "-")
+            continue
+        out[m] = (free[i % len(free)], "-" if i < len(free) else "--")
+        i += 1
+    return out
 
 
 def _mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray
@@ -733,57 +747,74 @@ def _mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray
 
 def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = "parameters", title: str = ""):
     """Accuracy (%) against % ``x`` removed (``"structures"`` or ``"parameters"``): per method the
-    mean curve over seeds with a +- 1 sd band and its stopping point (mean +- sd as a star with
-    error bars). More than six methods are split into two panels: the multiplicative-noise
-    criteria, and the other methods with BMRS_N repeated for reference. Returns a Figure."""
+    mean curve over seeds with a +- 1 sd band and its stopping point (mean +- sd, a star with
+    error bars; stars at the same place nest, the first method's largest). The top row shows the
+    whole range, the bottom row zooms on the top of the curves where the 1-point budget lies.
+    More than six methods are split into two columns: the multiplicative-noise criteria, and the
+    other methods with BMRS_N repeated for reference. Returns a Figure."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     if x not in FIGURES:
         raise ValueError(f"x must be one of {tuple(FIGURES)}, got {x!r}")
     key = f"{x}_removed"
     present = [m for m in methods if any(r["method"] == m and "error" not in r for r in records)]
-    styles = _styles(present)
     noise = [m for m in present if isinstance(METHODS.get(m), NoiseCriterionMethod)]
     others = [m for m in present if m not in noise]
+    ref = None
     if len(present) > 6 and noise and others:
-        ref = ["bmrs_n"] if "bmrs_n" in noise else noise[:1]
-        panels = [("multiplicative-noise criteria", noise), ("other methods (" + ref[0] + " for reference)",
-                                                             ref + others)]
+        ref = "bmrs_n" if "bmrs_n" in noise else noise[0]
+        panels = [("multiplicative-noise criteria", noise), (f"other methods ({ref} for reference)", [ref] + others)]
     else:
         panels = [("", present)]
-    fig = Figure(figsize=(6.4 * len(panels), 4.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    fig = Figure(figsize=(6.2 * len(panels), 7.4), layout="constrained")
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, height_ratios=[1.0, 1.25])
     grid = np.linspace(0.0, 100.0, 401)
-    lowest = 100.0
-    for ax, (sub, group) in zip(axes, panels):
-        for m in group:
+    tops, bases = [], []
+    for col, (sub, group) in enumerate(panels):
+        styles = _styles(group, ref)
+        handles = []
+        for j, m in enumerate(group):
             colour, ls = styles[m]
             recs = [r for r in records if r["method"] == m and "error" not in r]
+            bases += [100 * r["unpruned_accuracy"] for r in recs]
             curves = [(np.array([p[key] for p in r["curve"]], float), 100 * np.array([p["accuracy"] for p in r["curve"]]))
                       for r in recs if r["curve"]]
             mean, sd = _mean_band(curves, grid) if curves else (np.full(grid.shape, np.nan),) * 2
             ok = np.isfinite(mean)
-            label = m
-            if ok.any():
-                ax.plot(grid[ok], mean[ok], color=colour, linestyle=ls, linewidth=1.6, label=label)
-                ax.fill_between(grid, mean - sd, mean + sd, where=ok, color=colour, alpha=0.15, linewidth=0)
-                lowest = min(lowest, float(np.nanmin(mean)))
-                label = None
             stops = [r["stop"] for r in recs if r.get("stop")]
-            if stops:
-                sx = np.array([s[key] for s in stops], float)
-                sy = 100 * np.array([s["accuracy"] for s in stops], float)
-                ax.errorbar([sx.mean()], [sy.mean()], xerr=[sx.std()], yerr=[sy.std()], fmt="*", markersize=13,
-                            color=colour, markeredgecolor="black", markeredgewidth=0.7, elinewidth=1.0, capsize=2,
-                            label=label, zorder=5)
-                lowest = min(lowest, float(sy.mean()))
-        ax.set_xlim(-2, 102)
-        ax.set_xlabel(f"{x} removed (%)")
-        ax.grid(alpha=0.3)
-        ax.set_title(sub, fontsize=9)
-        ax.legend(loc="lower left", fontsize=7.5, framealpha=0.9, ncol=2 if len(group) > 4 else 1)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].set_ylim(max(0.0, lowest - 5.0), 100.5)
+            size = max(7.0, 17.0 - 1.6 * j)
+            for ax in axes[:, col]:
+                if ok.any():
+                    ax.plot(grid[ok], mean[ok], color=colour, linestyle=ls, linewidth=1.5)
+                    ax.fill_between(grid, mean - sd, mean + sd, where=ok, color=colour, alpha=0.13, linewidth=0)
+                if stops:
+                    sx = np.array([st[key] for st in stops], float)
+                    sy = 100 * np.array([st["accuracy"] for st in stops], float)
+                    ax.errorbar([sx.mean()], [sy.mean()], xerr=[sx.std()], yerr=[sy.std()], fmt="*",
+                                markersize=size, color=colour, markeredgecolor="black", markeredgewidth=0.6,
+                                elinewidth=0.9, capsize=2, zorder=5 + j)
+                    tops.append(float(sy.mean()))
+            if ok.any():
+                tops.append(float(np.nanmax(mean)))
+            handles.append(Line2D([], [], color=colour, linestyle=ls, linewidth=1.5, marker="*" if stops else None,
+                                  markersize=9, markeredgecolor="black", markeredgewidth=0.5,
+                                  label=m if stops else f"{m} (no stop rule)"))
+        top, zoom = axes[0, col], axes[1, col]
+        top.set_title(sub, fontsize=9)
+        top.set_ylim(0, 101)
+        zoom.legend(handles=handles, loc="lower left", fontsize=7.5, framealpha=0.92, ncol=2 if len(group) > 4 else 1)
+        for ax in (top, zoom):
+            ax.set_xlim(-2, 102)
+            ax.grid(alpha=0.3)
+        zoom.set_xlabel(f"{x} removed (%)")
+    if bases and tops:
+        hi = max(tops + bases)
+        lo = min(bases) - 6.0
+        for ax in axes[1, :]:
+            ax.set_ylim(lo, hi + 1.0)
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    axes[1, 0].set_ylabel("test accuracy (%), zoomed")
     fig.suptitle(title or f"Accuracy against {x} removed\nmean ± sd over seeds; ★ = own stopping point",
                  fontsize=10)
     return fig
@@ -799,9 +830,11 @@ def write_outputs(run_dir: str | os.PathLike, out: Mapping, *, dpi: int = 90) ->
     run_dir = Path(run_dir)
     records, rows = out["records"], out["rows"]
     methods = out["config"]["methods"]
-    paths = {"curves": atomic_write_json(run_dir / CURVES_FILE, {
-        "config": out["config"], "tolerance_points": TOLERANCE, "knee_settings": KNEE_SETTINGS,
-        "teacher_width": out.get("teacher_width"), "records": records})}
+    saved = {"config": out["config"], "tolerance_points": TOLERANCE, "knee_settings": KNEE_SETTINGS,
+             "teacher_width": out.get("teacher_width"), "records": records}
+    if out.get("seconds") is not None:
+        saved["seconds"] = out["seconds"]
+    paths = {"curves": atomic_write_json(run_dir / CURVES_FILE, saved)}
     title = f"{out['config']['data']} / {out['config']['model']}"
     for x, fname in FIGURES.items():
         fig = plot_curves(records, methods, x=x, title=f"{title}: test accuracy against {x} removed\n"
