@@ -188,7 +188,7 @@ def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Fi
 
 # ---------------------------------------------------------------------------- densities
 
-_REDUCED_KEYS = {"bmrs_n": ("reduced_loc", "reduced_scale"), "bmrs_u": ("reduced_low", "reduced_high", "bits")}
+_REDUCED_KEYS = {"bmrs_n": ("reduced_loc", "reduced_scale", "reference_code"), "bmrs_u": ("reduced_low", "reduced_high", "bits")}
 
 
 def _reduced_spec(reduced: Any) -> tuple[str, dict]:
@@ -256,10 +256,13 @@ def plot_reduction_densities(
             r_loc = float(opts.get("reduced_loc", a))
             r_scale = float(opts.get("reduced_scale", 1e-6))
             df = float(delta_f_log_normal(loc, scale, a, b, r_loc, r_scale))
+            if opts.get("reference_code"):  # the run decided with the authors' dF (+0.919 nats)
+                df += 0.5 * math.log(2.0 * math.pi)
             ax.annotate("", xy=(r_loc, peak * 3), xytext=(r_loc, bottom),
                         arrowprops={"arrowstyle": "-|>", "color": PRUNED, "linewidth": 2.0, "mutation_scale": 14})
             ax.plot([], [], color=PRUNED, linewidth=2.0, marker="^",
-                    label=f"reduced N({r_loc:g}, {r_scale:.0e}$^2$): dF = {df:.2f}")
+                    label=f"reduced N({r_loc:g}, {r_scale:.0e}$^2$): dF = {df:.2f}"
+                          + (" (reference code)" if opts.get("reference_code") else ""))
         else:
             r_low = float(opts.get("reduced_low", a))
             bits = opts.get("bits")

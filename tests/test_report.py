@@ -146,6 +146,14 @@ def test_reduction_densities_show_delta_f_of_quadrature():
         shown = float(text.rsplit("=", 1)[1])
         assert shown == pytest.approx(df, abs=0.01) if math.isfinite(df) else shown < -1e3
         assert len(ax.texts) == 1  # the arrow for the point mass
+    exact = [float(legend_texts(ax)[2].rsplit("=", 1)[1]) for ax in visible_axes(fig)]
+    ref = plots.plot_reduction_densities(guide, site, [0, 7], reduced={"method": "bmrs_n", "reference_code": True})
+    for ax, df in zip(visible_axes(ref), exact):
+        text = legend_texts(ax)[2]
+        assert text.endswith("(reference code)")
+        shown = float(text.split("dF = ")[1].split(" ")[0])
+        assert shown == pytest.approx(df + 0.5 * math.log(2 * math.pi), abs=0.011) if df > -1e3 else shown < -1e3
+        assert ax.get_title().endswith("pruned" if shown >= 0 else "kept")
     assert len(visible_axes(plots.plot_reduction_densities(guide, site, [1, 2, 3, 4]))) == 4
     with pytest.raises(ValueError, match="indices"):
         plots.plot_reduction_densities(guide, site, [12])
