@@ -67,16 +67,25 @@ from .nn import noise_modules
 from .pruner import reduce
 
 __all__ = [
+    "COLUMNS",
     "CompareConfig",
+    "DESCRIPTION",
+    "EPILOG",
     "TOLERANCE",
     "KNEE_SETTINGS",
     "add_arguments",
+    "check_config",
     "cmd_compare",
+    "compaction_at_stop",
     "compression_within",
+    "config_from_args",
     "format_markdown",
+    "format_widths",
     "iter_noise_methods",
     "knee_point",
     "kept_width_rows",
+    "load_comparison",
+    "per_seed_values",
     "plot_curves",
     "record_of",
     "resolve_methods",
@@ -778,8 +787,8 @@ def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = 
             colour, ls = styles[m]
             recs = [r for r in records if r["method"] == m and "error" not in r]
             bases += [100 * r["unpruned_accuracy"] for r in recs]
-            curves = [(np.array([p[key] for p in r["curve"]], float), 100 * np.array([p["accuracy"] for p in r["curve"]]))
-                      for r in recs if r["curve"]]
+            curves = [(np.array([p[key] for p in r["curve"]], float),
+                       100 * np.array([p["accuracy"] for p in r["curve"]])) for r in recs if r["curve"]]
             mean, sd = _mean_band(curves, grid) if curves else (np.full(grid.shape, np.nan),) * 2
             ok = np.isfinite(mean)
             stops = [r["stop"] for r in recs if r.get("stop")]
@@ -881,33 +890,41 @@ def add_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     from .data import DATASETS
 
     d = CompareConfig.__dataclass_fields__
+    # Options whose default depends on others (--quick, the model) are SUPPRESSed: absent from the
+    # namespace unless given, and their help states the default itself.
     g = p.add_argument_group("what to compare")
     g.add_argument("--data", choices=DATASETS, default="digits", help="data set")
     g.add_argument("--model", choices=list(MODELS), default="mlp", help="network")
-    g.add_argument("--hidden", default=None, help="hidden widths of the mlp, comma-separated (default 100,100)")
+    g.add_argument("--hidden", default=argparse.SUPPRESS,
+                   help="hidden widths of the mlp, comma-separated (default: 100,100)")
     g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default="tanh",
                    help="activation of the mlp")
     g.add_argument("--methods", default="all", help=f"'all' or a comma-separated list of {', '.join(METHODS)}")
     g.add_argument("--seeds", type=int, default=d["seeds"].default, help="number of seeds (0..K-1)")
-    g.add_argument("--subset", type=int, default=None, help="keep this many training + validation examples")
+    g.add_argument("--subset", type=int, default=argparse.SUPPRESS,
+                   help="keep this many training + validation examples (default: all; --quick: 400)")
     g = p.add_argument_group("budget (defaults: the built-in budget, or --quick's)")
-    g.add_argument("--epochs", type=int, default=None, help=f"training epochs before pruning ({d['epochs'].default})")
-    g.add_argument("--finetune-epochs", type=int, default=None,
+    g.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"training epochs before pruning ({d['epochs'].default})")
+    g.add_argument("--finetune-epochs", type=int, default=argparse.SUPPRESS,
                    help=f"fine-tuning after each one-shot pruning ({d['finetune_epochs'].default})")
-    g.add_argument("--rounds", type=int, default=None, help=f"iterative methods' rounds ({d['rounds'].default})")
-    g.add_argument("--round-epochs", type=int, default=None,
+    g.add_argument("--rounds", type=int, default=argparse.SUPPRESS,
+                   help=f"iterative methods' rounds ({d['rounds'].default})")
+    g.add_argument("--round-epochs", type=int, default=argparse.SUPPRESS,
                    help=f"retraining epochs per round ({d['round_epochs'].default})")
-    g.add_argument("--fraction-step", type=float, default=None,
+    g.add_argument("--fraction-step", type=float, default=argparse.SUPPRESS,
                    help=f"grid step of the swept curves ({d['fraction_step'].default})")
-    g.add_argument("--batch-size", type=int, default=None, help=f"minibatch size ({d['batch_size'].default})")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: each method's own)")
+    g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"minibatch size ({d['batch_size'].default})")
+    g.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help="learning rate of the weights (default: each method's own)")
     g.add_argument("--quick", action="store_true",
                    help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in _QUICK.items())}")
     g = p.add_argument_group("running and output")
     g.add_argument("--workers", type=int, default=1, help="processes in parallel")
     g.add_argument("--threads", type=int, default=1, help="torch threads per process")
     g.add_argument("--output", default="compare", help="folder that holds comparison folders")
-    g.add_argument("--name", default=None, help="comparison folder name (default <data>-<model>-<time>)")
+    g.add_argument("--name", default=argparse.SUPPRESS, help="comparison folder name (default: <data>-<model>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing comparison folder")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -916,22 +933,20 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """A :class:`CompareConfig` from parsed ``bmrs compare`` arguments."""
     from .runs import parse_hidden
 
-    budget = {k: getattr(args, k) for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
-                                             "batch_size", "lr")}
-    quick = dict(_QUICK) if args.quick else {}
-    data_options = {}
-    subset = args.subset if args.subset is not None else quick.pop("subset", None)
-    quick.pop("subset", None)
-    if subset is not None:
-        data_options["subset"] = subset
-    values = {k: v for k, v in quick.items()}
-    values.update({k: v for k, v in budget.items() if v is not None})
-    if args.hidden is not None and args.model != "mlp":
+    given = vars(args)
+    budget = {k: given[k] for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
+                                    "batch_size", "lr") if k in given}
+    values = dict(_QUICK) if args.quick else {}
+    subset = given.get("subset", values.pop("subset", None))
+    values.pop("subset", None)
+    data_options = {} if subset is None else {"subset": subset}
+    values.update(budget)
+    if "hidden" in given and args.model != "mlp":
         raise ValueError("--hidden applies to --model mlp only")
-    hidden = parse_hidden(args.hidden) if args.hidden is not None else (100, 100)
+    hidden = parse_hidden(given["hidden"]) if "hidden" in given else (100, 100)
     return CompareConfig(data=args.data, model=args.model, methods=tuple(resolve_methods(args.methods)),
                          seeds=args.seeds, hidden=hidden, activation=args.activation, data_options=data_options,
-                         output=args.output, name=args.name, workers=args.workers, threads=args.threads,
+                         output=args.output, name=given.get("name"), workers=args.workers, threads=args.threads,
                          overwrite=args.overwrite, **values)
 
 
