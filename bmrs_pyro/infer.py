@@ -276,6 +276,7 @@ def fit(
                     params = _trainable(model, guide, param_trace.trace)
                     if optimizer is None:
                         optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
+                    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
@@ -318,8 +319,14 @@ def _prune(model, guide, method: str, options: dict, epoch: int, history: Histor
     history.events.append({"epoch": epoch, "event": "prune", "method": method,
                            "kept": {k: int(v.sum()) for k, v in result.keep.items()},
                            "fraction_removed": result.fraction_removed})
-    # Freeze the variational parameters of pruned structures: copy their current values.
+    return _freeze_masked(model, guide)
+
+
+def _freeze_masked(model, guide) -> dict:
+    """Current values of the variational parameters of masked structures, to hold them fixed."""
     frozen = {}
+    if not (isinstance(model, torch.nn.Module) and hasattr(guide, "site_names") and hasattr(guide, "locs")):
+        return frozen
     for name, layer in noise_modules(model).items():
         dead = ~layer.mask.bool()
         if name in guide.site_names and dead.any():

@@ -423,3 +423,18 @@ def test_evaluate_uses_running_batchnorm_statistics_and_restores_the_mode():
         log_p = torch.log_softmax(model.logits(x), -1)
     expected = -log_p.gather(-1, y.unsqueeze(-1)).mean().item()
     assert metrics["nll"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_structures_masked_before_fit_keep_their_variational_parameters(noisy_mlp):
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    model = noisy_mlp((5, 6, 3))
+    guide = AutoTruncatedLogNormal(model)
+    fit(model, guide, (x, y), epochs=2, batch_size=8, lr=0.05, progress=False)
+    layer = model.noise[0]
+    layer.mask[[1, 4]] = 0.0
+    before = [t.detach().clone() for t in guide.loc_scale("noise.0.theta")]
+    fit(model, guide, (x, y), epochs=3, batch_size=8, lr=0.05, progress=False)
+    after = guide.loc_scale("noise.0.theta")
+    for b, a in zip(before, after):
+        assert torch.equal(a.detach()[[1, 4]], b[[1, 4]])
+        assert not torch.equal(a.detach()[[0, 2]], b[[0, 2]])
