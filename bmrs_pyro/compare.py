@@ -100,9 +100,12 @@ TOLERANCE = 1.0
 
 #: Kneedle settings: accuracy falls as compression grows and bends down (concave, decreasing);
 #: S = 1 is the sensitivity recommended by Satopaa et al.; the curve is used as measured
-#: (interp1d, no smoothing), offline (the most pronounced knee of the whole curve).
+#: (interp1d, no smoothing); online=True so that kneed reports every candidate knee, of which
+#: :func:`knee_point` keeps the most pronounced. (kneed's offline mode returns the first candidate
+#: it meets, and on a falling curve it scans from the right: with a flat floor after the collapse
+#: that is the bottom corner, not the top one.)
 KNEE_SETTINGS: dict[str, Any] = {"S": 1.0, "curve": "concave", "direction": "decreasing",
-                                 "interp_method": "interp1d", "online": False}
+                                 "interp_method": "interp1d", "online": True}
 
 CURVES_FILE = "curves.json"
 RESULTS_CSV = "results.csv"
@@ -542,8 +545,11 @@ def compression_within(points: Sequence[Mapping], unpruned_accuracy: float,
 def knee_point(x: Sequence[float], y: Sequence[float]) -> Optional[tuple[float, float]]:
     """The Kneedle knee ``(x, y)`` of a falling accuracy curve, or None if there is none.
 
-    Points are sorted by ``x``; equal ``x`` are merged by their mean ``y``. Fewer than three
-    distinct ``x``, a flat curve or one with no bend give None. Settings: :data:`KNEE_SETTINGS`.
+    Points are sorted by ``x``; equal ``x`` are merged by their mean ``y``. Of the candidate knees
+    kneed reports (:data:`KNEE_SETTINGS`), the most pronounced is returned: the largest value of
+    Kneedle's difference curve, which for a concave decreasing curve normalised to the unit square
+    is ``y_n + x_n - 1`` (the height above the chord from the first to the last point). Fewer than
+    three distinct ``x``, a flat curve or one with no bend give None.
     """
     import warnings
 
@@ -562,10 +568,15 @@ def knee_point(x: Sequence[float], y: Sequence[float]) -> Optional[tuple[float, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kneed warns when it finds no knee; None says so
         kl = KneeLocator(ux, uy, **KNEE_SETTINGS)
-    if kl.knee is None:
+    candidates = [float(k) for k in (kl.all_knees or ())]
+    if not candidates:
         return None
-    k = float(kl.knee)
-    return k, float(uy[np.argmin(np.abs(ux - k))])
+    xn = (ux - ux[0]) / (ux[-1] - ux[0])
+    yn = (uy - uy.min()) / np.ptp(uy)
+    height = yn + xn - 1.0
+    idx = [int(np.argmin(np.abs(ux - k))) for k in candidates]
+    best = max(idx, key=lambda i: height[i])
+    return float(ux[best]), float(uy[best])
 
 
 def _mean_sd(values: Sequence[Optional[float]]) -> tuple[float, float, int]:
@@ -832,7 +843,7 @@ def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = 
 # ------------------------------------------------------------------------------- writing
 
 
-def write_outputs(run_dir: str | os.PathLike, out: Mapping, *, dpi: int = 90) -> dict[str, Path]:
+def write_outputs(run_dir: str | os.PathLike, out: Mapping, *, dpi: int = 80) -> dict[str, Path]:
     """Write ``curves.json``, the two figures, ``results.csv``, ``results.md`` and ``widths.md``."""
     from .runs import atomic_write_json, atomic_write_text
 

@@ -183,6 +183,9 @@ def bmrs_verdict(task: Task, rows: Sequence[dict]) -> Optional[str]:
     acc_o = max(rivals, key=lambda r: r["stop_acc_mean"])
     if score(b) < 0 and score(o) < 0:
         comp = "no method's stopping point stays within 1 point"
+    elif score(b) >= 0 and abs(score(b) - score(o)) <= 2.0:
+        comp = (f"**BMRS ties on compression**: `{b['method']}` removes {_p(b['stop_parameters_mean'])} % of the "
+                f"parameters within 1 point, `{o['method']}` {_p(o['stop_parameters_mean'])} %")
     elif score(b) >= score(o):
         comp = (f"**BMRS wins on compression**: `{b['method']}` removes {_p(b['stop_parameters_mean'])} % of the "
                 f"parameters within 1 point, the best other rule (`{o['method']}`) {_p(o['stop_parameters_mean'])} %")
@@ -198,7 +201,14 @@ def bmrs_verdict(task: Task, rows: Sequence[dict]) -> Optional[str]:
         acc = f"BMRS has the highest accuracy at its stop: {acc_text(acc_b)} vs {acc_text(acc_o)}"
     else:
         acc = f"another method is more accurate at its stop: {acc_text(acc_o)} vs {acc_text(acc_b)}"
-    return f"{task.title}: {comp}; {acc}."
+    exact = _row(rows, "bmrs_n")
+    safety = ""
+    if exact is not None and _ok(exact["stop_loss_mean"]):
+        worse = [r["method"] for r in rivals if r["stop_loss_mean"] > exact["stop_loss_mean"] + 0.25]
+        safety = (f"; at its stop `bmrs_n` ({_p(exact['stop_parameters_mean'])} % removed) has "
+                  f"{_loss(exact['stop_loss_mean'])}"
+                  + (f", a smaller loss than {', '.join(f'`{m}`' for m in worse)}" if worse else ""))
+    return f"{task.title}: {comp}; {acc}{safety}."
 
 
 # ------------------------------------------------------------------------------ the page

@@ -144,6 +144,16 @@ def test_kneedle_finds_the_corner_of_a_constructed_curve():
     assert knee_point(np.r_[x, 60.0], np.r_[y, 0.90])[0] == 60.0
 
 
+def test_kneedle_takes_the_top_corner_when_the_curve_has_a_floor():
+    # flat, a collapse, then a flat floor at chance: two bends; the knee is the top one (77.5 %),
+    # where the curve stands highest above the chord from (0, 0.95) to (99.6, 0.10)
+    x = [0.0, 13.5, 27.1, 39.0, 50.4, 61.5, 70.0, 77.5, 82.9, 89.6, 99.6]
+    y = [0.95, 0.95, 0.95, 0.953, 0.95, 0.947, 0.961, 0.936, 0.638, 0.10, 0.10]
+    chord = [(yi - 0.10) / 0.861 + xi / 99.6 - 1 for xi, yi in zip(x, y)]
+    assert int(np.argmax(chord)) == 7
+    assert knee_point(x, y) == (77.5, 0.936)
+
+
 def test_kneedle_reports_no_knee_where_there_is_none():
     x = np.arange(0, 101, 10.0)
     assert knee_point(x, 0.9 - 0.008 * x) is None          # a straight line bends nowhere
