@@ -37,7 +37,7 @@ MARK_END = "<!-- hand-written:end -->"
 PLACEHOLDER = "_Not written yet: run the script, look at the numbers and figures, then write here._"
 
 #: The budget every method gets on every task (see CompareConfig / Budget for the meaning).
-BUDGET = {"epochs": 40, "finetune_epochs": 1, "rounds": 6, "round_epochs": 2, "batch_size": 64,
+BUDGET = {"epochs": 80, "finetune_epochs": 1, "rounds": 6, "round_epochs": 2, "batch_size": 64,
           "fraction_step": 0.1}
 
 
@@ -151,7 +151,7 @@ def findings(rows: Sequence[dict]) -> list[str]:
         out.append("Largest parameter compression anywhere on the curve within 1 point (an oracle choice on the "
                    "test set): " + ", ".join(f"`{r['method']}` {_p(r['within_parameters_mean'])} %"
                                              for r in ranked[:3]) + ".")
-    for m in ("bmrs_n", "bmrs_u8", "bmrs_u4"):
+    for m in ("bmrs_n", "bmrs_n_ref", "bmrs_u8", "bmrs_u4"):
         r = _row(rows, m)
         if r is None or not _ok(r["stop_parameters_mean"]):
             continue
