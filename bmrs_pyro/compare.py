@@ -14,8 +14,8 @@ train/validation split, so every method sees the same splits for a seed) and wri
 - ``widths.md``: kept structures per layer at each method's stopping point, beside the true width
   when the data set knows it (teacher-student).
 
-The six multiplicative-noise criteria (BMRS_N, BMRS_U-8, BMRS_U-4, SNR, E[theta], L2) share one
-procedure that starts with the same SVI fit; :func:`iter_noise_methods` fits once per seed and
+The multiplicative-noise criteria (BMRS_N and its reference-code variant, BMRS_U-8, BMRS_U-4, SNR,
+E[theta], L2) share one procedure that starts with the same SVI fit; :func:`iter_noise_methods` fits once per seed and
 sweeps every criterion from that fit, which gives the same results as running each method on its
 own (tested) at a fraction of the time. The wall time of each such method still counts the whole
 fit plus its own sweep: what it would cost alone.

@@ -10,7 +10,7 @@ The hand-written interpretation at the top of RESULTS.md (between the ``hand-wri
 is kept when the file is regenerated. ``--render-only`` rebuilds RESULTS.md from existing
 comparison folders without training.
 
-    python scripts/make_results.py                  # the full run (~30-40 min on 2 cores)
+    python scripts/make_results.py                  # the full run (27 min measured on 2 shared cores)
     python scripts/make_results.py --seeds 1 --out runs/results-trial --no-docs   # timing trial
 """
 
