@@ -57,14 +57,9 @@ import pyro
 import torch
 
 from .baselines import METHODS, MethodResult, NoiseCriterionMethod, get_method
-from .baselines.common import (Budget, Point, compression, last_within, removed_indices, seed_all, snapshot,
-                               total_parameters)
-from .baselines.noise_criteria import sweep_fractions
-from .criteria import get_criterion
+from .baselines.common import Budget, Point, seed_all
 from .guides import AutoTruncatedLogNormal
-from .infer import evaluate, fit
 from .nn import noise_modules
-from .pruner import reduce
 
 __all__ = [
     "COLUMNS",
@@ -272,70 +267,17 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
     if len(training) > 1:
         raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr) {sorted(training)}; "
                          "run them apart")
-    (lr, kl_weight, _), = training
     start = time.perf_counter()
     with pyro.get_param_store().scope():
         seed_all(seed)
-        model = model_builder()
-        layers = noise_modules(model)
-        if not layers:
-            raise ValueError("the model has no MultiplicativeNoise layer to prune")
-        guide = AutoTruncatedLogNormal(model)
-        train_options = dict(batch_size=budget.batch_size, lr=lr, guide_lr=float(opts[methods[0].name]["guide_lr"]),
-                             kl_weight=kl_weight, progress=False)
-        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
-        x_train = data.train[0]
-        num_structures = sum(layer.num_structures for layer in layers.values())
-        unpruned_test = evaluate(model, guide, data.test)["accuracy"]
-        unpruned_val = evaluate(model, guide, data.val)["accuracy"]
-        trained = (snapshot(model), snapshot(guide))
+        fitted = methods[0].fit_noise_model(model_builder, data, seed, budget, opts[methods[0].name])
         fit_time = time.perf_counter() - start
-
         for method in methods:
             t0 = time.perf_counter()
-            o = opts[method.name]
-            crit = get_criterion(method.criterion)
-            crit_options = dict(method.criterion_options, **(o["criterion_options"] or {}))
-            fractions = o["fractions"]
-            fractions = sweep_fractions(num_structures, o["fraction_step"]) if fractions is None else sorted(
-                float(f) for f in fractions)
-
-            def point(fraction: Optional[float], keep_result: bool = False) -> Point:
-                result = reduce(model, guide, crit, fraction=fraction, **crit_options)
-                result.apply()
-                s, p = compression(model, result.keep, x_train)
-                if budget.finetune_epochs > 0:
-                    fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **train_options)
-                pt = Point(structures_removed=s, parameters_removed=p,
-                           accuracy=evaluate(model, guide, data.test)["accuracy"],
-                           val_accuracy=evaluate(model, guide, data.val)["accuracy"],
-                           step=fraction, kept_per_layer=dict(result.kept_per_layer),
-                           removed=removed_indices(result.keep))
-                if not keep_result:
-                    _load(model, guide, trained)
-                return pt
-
-            _load(model, guide, trained)
-            curve = [point(f) for f in fractions]
-            stop: Optional[Point] = None
-            if crit.has_rule:
-                stop = point(None, keep_result=True)
-            elif o["stop_tolerance"] is not None:
-                best = last_within(curve, unpruned_val, float(o["stop_tolerance"]))
-                stop = point(curve[best].step, keep_result=True)
-            result = MethodResult(
-                method=method.name, unpruned_accuracy=unpruned_test, unpruned_val_accuracy=unpruned_val,
-                curve=curve, stop=stop, model=model, guide=guide, num_structures=num_structures,
-                num_parameters=total_parameters(model, x_train),
-                info={"criterion": crit.name, "criterion_options": crit_options, "elbo": list(history.elbo),
-                      "fractions": fractions, "options": dict(o), "budget": asdict(budget), "shared_fit": True})
+            result = method.sweep(fitted, data, seed, budget, opts[method.name])
+            result.info.update({"options": dict(opts[method.name]), "budget": asdict(budget), "shared_fit": True})
             result.wall_time = fit_time + time.perf_counter() - t0
             yield result
-
-
-def _load(model, guide, states) -> None:
-    model.load_state_dict(states[0])
-    guide.load_state_dict(states[1])
 
 
 # --------------------------------------------------------------------------------- one record

@@ -10,7 +10,8 @@ decision as the stopping point: BMRS prunes where dF >= 0, SNR where SNR < 1.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from ..criteria import get_criterion
 from ..guides import AutoTruncatedLogNormal
@@ -74,8 +75,11 @@ class NoiseCriterionMethod(PruningMethod):
                         f"{type(self).__doc__}")
 
     def _run(self, model_builder, data, seed: int, budget: Budget, options: dict) -> MethodResult:
-        crit = get_criterion(self.criterion)
-        crit_options = dict(self.criterion_options, **(options["criterion_options"] or {}))
+        return self.sweep(self.fit_noise_model(model_builder, data, seed, budget, options), data, seed, budget,
+                          options)
+
+    def fit_noise_model(self, model_builder, data, seed: int, budget: Budget, options: dict) -> "FittedNoiseModel":
+        """Train the multiplicative-noise model by SVI; the part several criteria can share."""
         model = model_builder()
         layers = noise_modules(model)
         if not layers:
@@ -84,28 +88,36 @@ class NoiseCriterionMethod(PruningMethod):
         train_options = dict(batch_size=budget.batch_size, lr=budget.lr_or(self.lr), guide_lr=float(options["guide_lr"]),
                              kl_weight=float(options["kl_weight"]), progress=False)
         history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
-        x_train = data.train[0]
-        num_structures = sum(layer.num_structures for layer in layers.values())
+        return FittedNoiseModel(
+            model=model, guide=guide, history=history, train_options=train_options,
+            num_structures=sum(layer.num_structures for layer in layers.values()),
+            unpruned_test=evaluate(model, guide, data.test)["accuracy"],
+            unpruned_val=evaluate(model, guide, data.val)["accuracy"],
+            trained=(snapshot(model), snapshot(guide)))
+
+    def sweep(self, fitted: "FittedNoiseModel", data, seed: int, budget: Budget, options: dict) -> MethodResult:
+        """This criterion's curve and stopping point, starting from the trained snapshot of ``fitted``."""
+        crit = get_criterion(self.criterion)
+        crit_options = dict(self.criterion_options, **(options["criterion_options"] or {}))
+        model, guide, x_train = fitted.model, fitted.guide, data.train[0]
         fractions = options["fractions"]
-        fractions = sweep_fractions(num_structures, options["fraction_step"]) if fractions is None else sorted(
+        fractions = sweep_fractions(fitted.num_structures, options["fraction_step"]) if fractions is None else sorted(
             float(f) for f in fractions)
-        unpruned_test = evaluate(model, guide, data.test)["accuracy"]
-        unpruned_val = evaluate(model, guide, data.val)["accuracy"]
-        trained = (snapshot(model), snapshot(guide))
+        _load(model, guide, fitted.trained)
 
         def point(fraction: Optional[float], keep_result: bool = False) -> Point:
             result = reduce(model, guide, crit, fraction=fraction, **crit_options)
             result.apply()
             s, p = compression(model, result.keep, x_train)
             if budget.finetune_epochs > 0:
-                fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **train_options)
+                fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **fitted.train_options)
             pt = Point(structures_removed=s, parameters_removed=p,
                        accuracy=evaluate(model, guide, data.test)["accuracy"],
                        val_accuracy=evaluate(model, guide, data.val)["accuracy"],
                        step=fraction, kept_per_layer=dict(result.kept_per_layer),
                        removed=removed_indices(result.keep))
             if not keep_result:
-                _load(model, guide, trained)
+                _load(model, guide, fitted.trained)
             return pt
 
         curve = [point(f) for f in fractions]
@@ -113,16 +125,29 @@ class NoiseCriterionMethod(PruningMethod):
         if crit.has_rule:
             stop = point(None, keep_result=True)
         elif options["stop_tolerance"] is not None:
-            best = last_within(curve, unpruned_val, float(options["stop_tolerance"]))
+            best = last_within(curve, fitted.unpruned_val, float(options["stop_tolerance"]))
             stop = point(curve[best].step, keep_result=True)
-        total = total_parameters(model, x_train)
         return MethodResult(
-            method=self.name, unpruned_accuracy=unpruned_test, unpruned_val_accuracy=unpruned_val,
-            curve=curve, stop=stop, model=model, guide=guide, num_structures=num_structures,
-            num_parameters=total,
-            info={"criterion": crit.name, "criterion_options": crit_options, "elbo": list(history.elbo),
+            method=self.name, unpruned_accuracy=fitted.unpruned_test, unpruned_val_accuracy=fitted.unpruned_val,
+            curve=curve, stop=stop, model=model, guide=guide, num_structures=fitted.num_structures,
+            num_parameters=total_parameters(model, x_train),
+            info={"criterion": crit.name, "criterion_options": crit_options, "elbo": list(fitted.history.elbo),
                   "fractions": fractions},
         )
+
+
+@dataclass
+class FittedNoiseModel:
+    """A trained noise model and its guide, with the snapshot every sweep starts from."""
+
+    model: Any
+    guide: Any
+    history: Any
+    train_options: dict
+    num_structures: int
+    unpruned_test: float
+    unpruned_val: float
+    trained: tuple
 
 
 def _load(model, guide, states) -> None:
@@ -151,4 +176,4 @@ def noise_methods() -> dict[str, NoiseCriterionMethod]:
     }
 
 
-__all__ = ["NoiseCriterionMethod", "noise_methods", "sweep_fractions"]
+__all__ = ["FittedNoiseModel", "NoiseCriterionMethod", "noise_methods", "sweep_fractions"]
