@@ -25,6 +25,7 @@ from torch import nn
 from ..criteria import StructureLinks, structure_map
 from ..curves import count_parameters
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
+from ..pruner import _rank_remove  # the one greedy least-important-first removal with per-layer room
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 ModelBuilder = Callable[[], nn.Module]
@@ -479,16 +480,8 @@ def keep_global_fraction(importance: Mapping[str, torch.Tensor], fraction: float
     owner = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(sites)])
     room = [importance[s].numel() - min(min_keep, importance[s].numel()) for s in sites]
     target = math.floor(fraction * flat.numel() + 1e-9)
-    removed = torch.zeros(flat.numel(), dtype=torch.bool)
-    count = 0
-    for idx in torch.sort(flat, stable=True).indices.tolist():
-        if count >= target:
-            break
-        g = int(owner[idx])
-        if room[g] > 0:
-            removed[idx] = True
-            room[g] -= 1
-            count += 1
+    alive = torch.ones(flat.numel(), dtype=torch.bool)
+    removed = _rank_remove(flat, alive, target, owner, dict(enumerate(room)))
     keep, start = {}, 0
     for s in sites:
         n = importance[s].numel()
