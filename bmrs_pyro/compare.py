@@ -132,12 +132,13 @@ class CompareConfig:
     model: str = "mlp"
     methods: tuple[str, ...] = ()
     seeds: int = 3
-    epochs: int = 20
-    finetune_epochs: int = 1
-    rounds: int = 6
-    round_epochs: int = 2
-    batch_size: int = 64
-    lr: Optional[float] = None
+    # The budget's defaults are the baselines' Budget defaults, not a copy of them.
+    epochs: int = Budget.epochs
+    finetune_epochs: int = Budget.finetune_epochs
+    rounds: int = Budget.rounds
+    round_epochs: int = Budget.round_epochs
+    batch_size: int = Budget.batch_size
+    lr: Optional[float] = Budget.lr
     fraction_step: float = 0.1
     hidden: Optional[tuple[int, ...]] = (100, 100)
     activation: str = "tanh"
