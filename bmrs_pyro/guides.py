@@ -166,3 +166,14 @@ class AutoTruncatedLogNormal(AutoGuide):
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Posterior median of theta per site."""
         return {name: self.posterior(name).icdf(torch.tensor(0.5)) for name in self._layers}
+
+
+def find_noise_guide(guide) -> "AutoTruncatedLogNormal | None":
+    """The :class:`AutoTruncatedLogNormal` that holds the noise posteriors: ``guide`` itself, or
+    the part of an ``AutoGuideList`` that is one; ``None`` when there is none."""
+    if isinstance(guide, AutoTruncatedLogNormal):
+        return guide
+    for part in getattr(guide, "__iter__", lambda: iter(()))():
+        if isinstance(part, AutoTruncatedLogNormal):
+            return part
+    return None

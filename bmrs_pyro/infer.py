@@ -324,13 +324,16 @@ def _prune(model, guide, method: str, options: dict, epoch: int, history: Histor
 
 def _freeze_masked(model, guide) -> dict:
     """Current values of the variational parameters of masked structures, to hold them fixed."""
+    from .guides import find_noise_guide
+
     frozen = {}
-    if not (isinstance(model, torch.nn.Module) and hasattr(guide, "site_names") and hasattr(guide, "locs")):
+    noise_guide = find_noise_guide(guide)  # also inside an AutoGuideList
+    if not isinstance(model, torch.nn.Module) or noise_guide is None or noise_guide.prototype_trace is None:
         return frozen
     for name, layer in noise_modules(model).items():
         dead = ~layer.mask.bool()
-        if name in guide.site_names and dead.any():
-            for store in (guide.locs, guide.log_scales):
+        if name in noise_guide.site_names and dead.any():
+            for store in (noise_guide.locs, noise_guide.log_scales):
                 p = _raw_param(store, name)
                 frozen[id(p)] = (p, dead, p.detach()[dead].clone())
     return frozen

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .criteria import CRITERIA, SCOPES, Criterion, get_criterion
+from .guides import find_noise_guide
 from .nn import MultiplicativeNoise, noise_modules
 
 # fraction * S is floored; the tolerance keeps 0.3 * 10 (= 2.9999...) at 3.
@@ -107,14 +108,13 @@ def _jsonable(v: Any) -> Any:
 
 def _noise_guide(guide):
     """The part of ``guide`` that holds the noise posteriors (itself, or inside an AutoGuideList)."""
-    if hasattr(guide, "loc_scale") and hasattr(guide, "site_names"):
-        return guide
-    for part in getattr(guide, "__iter__", lambda: iter(()))():
-        if hasattr(part, "loc_scale") and hasattr(part, "site_names"):
-            return part
-    raise ValueError(
-        f"reduce needs an AutoTruncatedLogNormal guide (or an AutoGuideList holding one), got {type(guide).__name__}"
-    )
+    found = find_noise_guide(guide)
+    if found is None:
+        raise ValueError(
+            "reduce needs an AutoTruncatedLogNormal guide (or an AutoGuideList holding one), "
+            f"got {type(guide).__name__}"
+        )
+    return found
 
 
 def _sites(model, guide) -> dict[str, MultiplicativeNoise]:

@@ -380,6 +380,49 @@ def test_continuous_pruning_freezes_pruned_structures_and_drops_their_kl():
     assert torch.all(g_ls[2:] != 0)
 
 
+def test_continuous_pruning_freezes_pruned_structures_inside_an_autoguidelist():
+    """The same guarantee when the noise guide is one part of an AutoGuideList (Bayesian weights)."""
+    import pyro
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    from bmrs_pyro.guides import hide_noise_sites
+
+    class BayesNet(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = pyro.nn.PyroModule[nn.Linear](4, 5)
+            self.fc.weight = pyro.nn.PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([5, 4]).to_event(2))
+            self.noise = MultiplicativeNoise(5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x, y=None):
+            logits = self.out(self.noise(torch.tanh(self.fc(x))))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = BayesNet()
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(hide_noise_sites(model)))
+    guide.append(AutoTruncatedLogNormal(model))
+    guide(x[:2], y[:2])
+    set_posterior(guide[1], "noise.theta", [-20.0, -20.0, 0.0, 0.0, 0.0], [0.0, 0.0, -5.0, -5.0, -5.0])
+    snapshots = []
+
+    def record(epoch, history, model, guide):
+        snapshots.append([p.detach().clone() for p in raw(guide[1], "noise.theta")])
+
+    fit(model, guide, (x, y), epochs=3, batch_size=16, lr=0.05, prune_every=1, callbacks=[record], progress=False)
+    assert model.noise.mask[:2].tolist() == [0.0, 0.0]
+    for later in snapshots[1:]:
+        for before, after in zip(snapshots[0], later):
+            assert torch.equal(before[:2], after[:2])
+    assert not torch.equal(snapshots[0][0][2:], snapshots[-1][0][2:])
+
+
 def test_masked_kl_is_gone_from_the_loss_value():
     """Moving a masked structure's posterior anywhere leaves the (seeded) loss unchanged."""
     model, guide, (x, y) = small_model()
