@@ -407,6 +407,34 @@ def test_authors_variant_is_too_high_by_half_log_two_pi():
     assert float(delta_f_log_normal(loc, scale)) < 0 <= _authors_bmrs_n(loc, scale)
 
 
+def test_the_family_member_closest_to_the_prior_is_kept_by_bmrs_n_and_pruned_by_bmrs_u():
+    """Why exact BMRS_N keeps units the data do not use (the finding of the digits experiments).
+
+    A useless structure's posterior tends to the member of the family closest to the prior: loc at
+    the interval's centre, scale at the clamp e^5. BMRS_N's spike sits at the bound a, where that
+    truncated normal is slightly below the uniform density, so dF_N = log((b - a) q(a)) < 0 (the
+    sigma~ -> 0 limit, by scipy's truncnorm); BMRS_U-8 compares masses over [a, log 2^-8], which
+    contains more than half of the interval, so the centred bump gives dF_U > 0. Any tilt of the
+    posterior towards theta = 1 (a unit the network still uses a little) makes both negative.
+    """
+    a, b = A, B
+    for loc, log_scale, n_sign, u_sign in ((-10.0, 5.0, -1, 1), (-10.0, 3.5, -1, 1), (-4.4, 5.0, -1, -1),
+                                           (0.0, 3.5, -1, -1)):
+        s = math.exp(log_scale)
+        dist = scipy.stats.truncnorm((a - loc) / s, (b - loc) / s, loc=loc, scale=s)
+        limit_n = math.log((b - a) * dist.pdf(a))
+        b8 = math.log(2.0 ** -8)
+        mass_u = math.log(dist.cdf(b8) / ((b8 - a) / (b - a)))
+        df_n = float(delta_f_log_normal(loc, s, a, b))
+        df_u = float(delta_f_log_uniform(loc, s, a, b))
+        assert df_n == pytest.approx(limit_n, abs=1e-7)  # sigma~ = 1e-6 is the spike's limit
+        assert df_u == pytest.approx(mass_u, rel=1e-9, abs=1e-12)
+        assert np.sign(df_n) == n_sign and np.sign(df_u) == u_sign
+        assert abs(df_n) < 0.2  # a near tie either way
+    # the centred member at the clamp: BMRS_N misses zero by 0.0015 nats
+    assert float(delta_f_log_normal(-10.0, math.exp(5.0), a, b)) == pytest.approx(-0.00151, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # API details and validation
 
