@@ -10,6 +10,7 @@ BMRS reference code omits that term; diagnostic only, never used for a decision)
     python benchmarks/pruning_digits.py                      # the task's setting: lr 3e-3 for all
     python benchmarks/pruning_digits.py --guide-lr 0.05      # variational parameters at lr 0.05
     python benchmarks/pruning_digits.py --guide-lr 0.05 --kl-weight 7.2   # ~ the authors' KL weight
+    python benchmarks/pruning_digits.py --guide-lr 0.05 --init-loc -10 --init-scale 20  # start at the prior
 
 ``--kl-weight 7.2`` is N / (layers * units) = 1437 / (2 * 100), the per-structure KL weight that
 the authors' loss (mean cross-entropy + KL averaged per structure and layer) amounts to here.
@@ -69,6 +70,8 @@ def posterior_summary(model, guide) -> dict:
     snr = reduce(model, guide, "snr", respect_mask=False)
     df = torch.cat(list(n.scores.values()))
     low_snr = torch.cat([~k for k in snr.keep.values()])
+    locs = torch.cat([guide.loc_scale(site)[0].detach() for site in n.scores])
+    near = (df < 0) & (df > -REFERENCE_OFFSET)
     q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=df.dtype)
     return {
         "bmrs_n_dF_quantiles_0_10_50_90_100": [round(v, 3) for v in df.quantile(q).tolist()],
@@ -76,6 +79,10 @@ def posterior_summary(model, guide) -> dict:
         "dF_range_of_snr_below_1_units": [round(float(df[low_snr].min()), 3), round(float(df[low_snr].max()), 3)]
         if low_snr.any() else None,
         "units_pruned_if_dF_had_reference_offset": int((df + REFERENCE_OFFSET >= 0).sum()),
+        # where the near-ties sit: loc above the interval's centre (-10) means tilted towards theta=1
+        "units_with_dF_in_-0.919_0": int(near.sum()),
+        "loc_quantiles_of_those_units": [round(v, 2) for v in locs[near].double().quantile(q).tolist()]
+        if near.any() else None,
     }
 
 
@@ -83,7 +90,7 @@ def train(method: str, args, train_data, test_data) -> dict:
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
     model = mlp(64, 10, hidden=(100, 100), activation="tanh")
-    guide = AutoTruncatedLogNormal(model)
+    guide = AutoTruncatedLogNormal(model, init_loc=args.init_loc, init_scale=args.init_scale)
     optimizer = make_optimizer(model, guide, *train_data, args.lr, args.guide_lr)
     spec = METHODS[method]
     t0 = time.perf_counter()
@@ -140,6 +147,8 @@ def main(argv=None) -> None:
     parser.add_argument("--guide-lr", type=float, default=None,
                         help="learning rate of the variational parameters (default: --lr)")
     parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--init-loc", type=float, default=0.0, help="guide's initial loc of log theta")
+    parser.add_argument("--init-scale", type=float, default=math.exp(-5.0), help="guide's initial scale")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="unpruned,bmrs_n,bmrs_u8,bmrs_u4",
