@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from bmrs_pyro.runs import atomic_write_bytes, atomic_write_text
 
 from . import plots
 from .sources import SavedReduction, is_delta_f_method, scores_of
@@ -151,7 +154,9 @@ def save_figures(figures: Mapping[str, Figure], out_dir: Any, *, dpi: int = 110)
         if not name or any(c in name for c in "/\\"):
             raise ValueError(f"figure name {name!r} must be a plain file name")
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=dpi, facecolor="white")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+        atomic_write_bytes(path, buffer.getvalue())  # a crash never leaves half a PNG
         paths[name] = path
     return paths
 
@@ -348,6 +353,4 @@ def build_report(run_dir: Any, *, dpi: int = 110) -> Path:
     images = {name: path.read_bytes() for name, path in paths.items()}
     page = render_html(title=f"bmrs-pyro run: {run.name}", config=config, metrics=metrics,
                        layers=_layer_rows(metrics, idata), images=images, notes=tuple(notes))
-    out = run / REPORT_FILE
-    out.write_text(page, encoding="utf-8")
-    return out
+    return atomic_write_text(run / REPORT_FILE, page)

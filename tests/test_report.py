@@ -401,6 +401,26 @@ def test_save_figures_and_render_from_idata_alone(tmp_path, run_dir):
         save_figures({"a/b": figures["elbo"]}, tmp_path)
 
 
+def test_a_figure_that_fails_halfway_leaves_the_previous_png(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    out = tmp_path / "figs"
+    first = save_figures({"elbo": fig}, out, dpi=30)["elbo"].read_bytes()
+
+    def broken(self, target, **kwargs):
+        target.write(b"\x89PNG half")  # bytes reach the target, then the renderer fails
+        raise RuntimeError("renderer crashed")
+
+    monkeypatch.setattr(type(fig), "savefig", broken)
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        save_figures({"elbo": fig}, out, dpi=30)
+    assert (out / "elbo.png").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == ["elbo.png"]  # no temporary left behind
+    plt.close(fig)
+
+
 def test_dom_check_flags_external_and_broken_images():
     check = _check_report_module()
     good = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (3).to_bytes(4, "big") + (2).to_bytes(4, "big")).decode()
