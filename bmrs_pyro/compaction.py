@@ -30,6 +30,13 @@ BatchNorm, sigmoid, a constant or an op the analysis does not know keep the whol
 graph-engine result may keep the model's own container classes (no noise layers, no sample
 sites).
 
+**Structures only their module understands.** Where a noise layer scales something no
+Linear/Conv channel stands for -- e.g. attention heads, a reshaped (N, heads, T, d) tensor -- the
+module that owns it can define ``compact_structures(child_name, factor) -> width``. The graph
+engine calls it on its copy with ``factor = E[theta] * mask`` per structure before anything else;
+the hook removes the structures with factor 0 from its own weights, folds the others' factors
+and replaces the noise layer (e.g. with ``nn.Identity``). The zoo's ViT attention does this.
+
 A layer pruned to zero width has an identically zero output. It is not an error: the compacted
 network keeps **one placeholder structure** whose folded factor is 0 (so the downstream layer
 adds only its bias), which reproduces the masked network exactly and keeps every shape valid;
@@ -521,6 +528,7 @@ class _GraphCompactor:
                     "structures": module.num_structures, "kept": int(module.mask.sum()),
                     "width": module.num_structures, "folded": False,
                 }
+        self._delegate(body, scales)
         _check_no_sample_sites(body, example_input)
         if not scales:
             return body
@@ -546,6 +554,22 @@ class _GraphCompactor:
                 f"({err}); keep such layers unpruned or compact a simpler backbone"
             ) from err
         return body
+
+    def _delegate(self, body: nn.Module, scales: dict) -> None:
+        """Let modules that define ``compact_structures`` remove their own noise layers' structures."""
+        for name, module in list(body.named_modules()):
+            if module not in scales:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = body.get_submodule(parent_name) if parent_name else body
+            hook = getattr(parent, "compact_structures", None)
+            if hook is None:
+                continue
+            site = scales.pop(module)
+            width = int(hook(child, module.scale.detach()))
+            if isinstance(getattr(parent, child, None), Scale):
+                raise ValueError(f"{type(parent).__name__}.compact_structures left its Scale {name!r} in place")
+            self.layers[site].update(width=width, folded=True)
 
     def _removable(self, graph, group, scales: dict) -> list[int]:
         """Root indices that can be removed from ``group`` exactly (see the module docstring)."""

@@ -53,7 +53,41 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
         out = self.head_noise(out)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    @torch.no_grad()
+    def compact_structures(self, child: str, factor: torch.Tensor) -> int:
+        """Physically remove the heads whose factor is 0 and fold the others' into ``proj``.
+
+        The hook :func:`bmrs_pyro.compact` calls on its copy of the network, with ``child`` the
+        name of the noise layer and ``factor`` = E[theta] * mask per head. A head's query, key and
+        value rows leave ``qkv``, its columns leave ``proj``, and the kept heads' factors multiply
+        their ``proj`` columns; the noise layer becomes an identity. With every head pruned one
+        head stays with factor 0 (the block then adds only ``proj``'s bias), as for any layer
+        compacted to zero width. Returns the number of heads left.
+        """
+        if child != "head_noise":
+            raise ValueError(f"Attention owns the noise layer 'head_noise', not {child!r}")
+        factor = factor.detach().reshape(-1).to(self.proj.weight)
+        if factor.numel() != self.heads:
+            raise ValueError(f"expected one factor per head ({self.heads}), got {factor.numel()}")
+        keep = torch.nonzero(factor != 0).flatten()
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long, device=factor.device)
+        hd, width = self.head_dim, self.heads * self.head_dim
+        cols = (keep[:, None] * hd + torch.arange(hd, device=keep.device)).flatten()
+        rows = torch.cat([cols + part * width for part in range(3)])  # the q, k and v blocks
+        qkv = nn.Linear(self.qkv.in_features, rows.numel(), bias=self.qkv.bias is not None).to(self.qkv.weight)
+        qkv.weight.copy_(self.qkv.weight[rows])
+        if self.qkv.bias is not None:
+            qkv.bias.copy_(self.qkv.bias[rows])
+        proj = nn.Linear(cols.numel(), self.proj.out_features, bias=self.proj.bias is not None).to(self.proj.weight)
+        proj.weight.copy_(self.proj.weight[:, cols] * factor[keep].repeat_interleave(hd))
+        if self.proj.bias is not None:
+            proj.bias.copy_(self.proj.bias)
+        self.qkv, self.proj, self.heads = qkv, proj, int(keep.numel())
+        self.head_noise = nn.Identity()
+        return self.heads
 
 
 class FeedForward(nn.Module):

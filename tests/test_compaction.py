@@ -247,20 +247,38 @@ def test_zoo_resnet_lenet_mlp():
         assert {s: i["width"] for s, i in c.stats["layers"].items()} == kept(model)
 
 
-def test_zoo_vit_mlp_units_go_heads_stay():
-    # Linear on (N, T, D) tokens: the MLP hidden units feed only fc2 and are removed; a head's
-    # factor multiplies a reshaped (N, heads, T, d) tensor that Torch-Pruning cannot couple to
-    # channels, so heads keep their width (still exact).
+@pytest.mark.parametrize("heads_kept", ["random", "none"])
+def test_zoo_vit_mlp_units_and_heads_go(heads_kept):
+    # Linear on (N, T, D) tokens: the MLP hidden units feed only fc2 and are removed by the graph
+    # engine; a head's factor multiplies a reshaped (N, heads, T, d) tensor no channel stands for,
+    # so the attention module removes its heads itself (compact_structures).
     from bmrs_pyro.models import vit
 
     x = torch.randn(3, 1, 8, 8)
-    model, guide = prepare(vit(depth=1, dim=16, heads=4, mlp_dim=24).net, x, 10, seed=15)
+    dim, heads, mlp_dim = 16, 4, 24
+    model, guide = prepare(vit(depth=2, dim=dim, heads=heads, mlp_dim=mlp_dim).net, x, 10, seed=15)
+    head_sites = [f"net.blocks.{i}.attn.head_noise.theta" for i in range(2)]
+    layers = noise_modules(model)
+    layers[head_sites[0]].mask.copy_(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    if heads_kept == "none":
+        layers[head_sites[1]].mask.zero_()
     c = compact(model, guide, example_input=x)
+    assert c.stats["method"] == "graph"
     torch.testing.assert_close(c(x), masked_output(model, x), atol=ATOL, rtol=0)
     s = c.stats["layers"]
-    assert s["net.blocks.0.mlp.noise.theta"]["width"] == kept(model)["net.blocks.0.mlp.noise.theta"] < 24
-    assert s["net.blocks.0.mlp.noise.theta"]["folded"]
-    assert s["net.blocks.0.attn.head_noise.theta"]["width"] == 4
+    for i in range(2):
+        mlp_site = f"net.blocks.{i}.mlp.noise.theta"
+        assert s[mlp_site]["width"] == kept(model)[mlp_site] < mlp_dim and s[mlp_site]["folded"]
+    hd = dim // heads
+    widths = [s[site]["width"] for site in head_sites]
+    assert widths[0] == 2 and s[head_sites[0]]["folded"]
+    assert widths[1] == (1 if heads_kept == "none" else kept(model)[head_sites[1]])  # placeholder head
+    for i, k in enumerate(widths):
+        attn = c.body.blocks[i].attn
+        assert attn.heads == k and isinstance(attn.head_noise, nn.Identity)
+        assert attn.qkv.weight.shape == (3 * k * hd, dim) and attn.proj.weight.shape == (dim, k * hd)
+    assert not any(isinstance(m, Scale) for m in c.modules())
+    assert n_params(c) < n_params(model.net)
 
 
 # ---------------------------------------------------------------------------------------------
