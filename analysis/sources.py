@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from bmrs_pyro.distributions import TruncatedLogNormal
+from bmrs_pyro.guides import find_noise_guide
 
 #: Methods whose ``scores`` are the change in log evidence dF (prune where dF >= 0).
 DELTA_F_PREFIX = "bmrs"
@@ -124,20 +125,9 @@ def kept_total(source: Any) -> dict[str, tuple[int, int]]:
     return {s: (int(keep_mask(source, s).sum()), keep_mask(source, s).numel()) for s in source.keep}
 
 
-def _guide_of(source: Any) -> Any:
-    """The truncated log-normal part of a guide (itself, or inside an AutoGuideList)."""
-    if hasattr(source, "posterior") and hasattr(source, "site_names"):
-        return source
-    for part in getattr(source, "_modules", {}).values():
-        found = _guide_of(part) if part is not None and part is not source else None
-        if found is not None:
-            return found
-    return None
-
-
 def noise_guide(guide: Any) -> Any:
     """The guide that owns the noise sites, or a ValueError saying what is wrong."""
-    found = _guide_of(guide)
+    found = find_noise_guide(guide)
     if found is None:
         raise ValueError(
             f"expected an AutoTruncatedLogNormal guide (or an AutoGuideList holding one), got {type(guide).__name__}"

@@ -170,10 +170,11 @@ class AutoTruncatedLogNormal(AutoGuide):
 
 def find_noise_guide(guide) -> "AutoTruncatedLogNormal | None":
     """The :class:`AutoTruncatedLogNormal` that holds the noise posteriors: ``guide`` itself, or
-    the part of an ``AutoGuideList`` that is one; ``None`` when there is none."""
+    the first one among its parts (an ``AutoGuideList``, also nested); ``None`` when there is none."""
     if isinstance(guide, AutoTruncatedLogNormal):
         return guide
-    for part in getattr(guide, "__iter__", lambda: iter(()))():
-        if isinstance(part, AutoTruncatedLogNormal):
-            return part
+    for part in getattr(guide, "_modules", {}).values():
+        found = find_noise_guide(part) if part is not None and part is not guide else None
+        if found is not None:
+            return found
     return None

@@ -55,6 +55,36 @@ def set_posterior(guide, site, loc, log_scale):
         ls_p.copy_(torch.as_tensor(log_scale, dtype=ls_p.dtype).expand_as(ls_p))
 
 
+def bayes_net_and_guide(width, x, y):
+    """A net with Bayesian first-layer weights and ``width`` noise units, and its
+    AutoGuideList (AutoNormal for the weights, AutoTruncatedLogNormal second), run once on x, y."""
+    import pyro
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    from bmrs_pyro.guides import hide_noise_sites
+
+    class BayesNet(pyro.nn.PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = pyro.nn.PyroModule[nn.Linear](4, width)
+            self.fc.weight = pyro.nn.PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([width, 4]).to_event(2))
+            self.noise = MultiplicativeNoise(width)
+            self.out = nn.Linear(width, 2)
+
+        def forward(self, x, y=None):
+            logits = self.out(self.noise(torch.tanh(self.fc(x))))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
+
+    pyro.clear_param_store()
+    model = BayesNet()
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(hide_noise_sites(model)))
+    guide.append(AutoTruncatedLogNormal(model))
+    guide(x, y)
+    return model, guide
+
+
 @pytest.fixture
 def fitted():
     """Two noise layers; the first has posteriors at the low end (prunable) and at the top."""
@@ -382,33 +412,10 @@ def test_continuous_pruning_freezes_pruned_structures_and_drops_their_kl():
 
 def test_continuous_pruning_freezes_pruned_structures_inside_an_autoguidelist():
     """The same guarantee when the noise guide is one part of an AutoGuideList (Bayesian weights)."""
-    import pyro
-    from pyro.infer.autoguide import AutoGuideList, AutoNormal
-
-    from bmrs_pyro.guides import hide_noise_sites
-
-    class BayesNet(pyro.nn.PyroModule):
-        def __init__(self):
-            super().__init__()
-            self.fc = pyro.nn.PyroModule[nn.Linear](4, 5)
-            self.fc.weight = pyro.nn.PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([5, 4]).to_event(2))
-            self.noise = MultiplicativeNoise(5)
-            self.out = nn.Linear(5, 2)
-
-        def forward(self, x, y=None):
-            logits = self.out(self.noise(torch.tanh(self.fc(x))))
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
-
-    pyro.clear_param_store()
     torch.manual_seed(0)
     x = torch.randn(64, 4)
     y = (x[:, 0] > 0).long()
-    model = BayesNet()
-    guide = AutoGuideList(model)
-    guide.append(AutoNormal(hide_noise_sites(model)))
-    guide.append(AutoTruncatedLogNormal(model))
-    guide(x[:2], y[:2])
+    model, guide = bayes_net_and_guide(5, x[:2], y[:2])
     set_posterior(guide[1], "noise.theta", [-20.0, -20.0, 0.0, 0.0, 0.0], [0.0, 0.0, -5.0, -5.0, -5.0])
     snapshots = []
 
@@ -442,35 +449,26 @@ def test_masked_kl_is_gone_from_the_loss_value():
     assert minibatch_loss(model, guide, x, y, dataset_size=100).item() != pytest.approx(losses[1], rel=1e-3)
 
 
-
-
-
 def test_reduce_finds_the_noise_guide_inside_an_autoguidelist():
-    import pyro
-    from pyro.infer.autoguide import AutoGuideList, AutoNormal
-
-    from bmrs_pyro.guides import hide_noise_sites
-
-    class BayesNet(pyro.nn.PyroModule):
-        def __init__(self):
-            super().__init__()
-            self.fc = pyro.nn.PyroModule[nn.Linear](4, 3)
-            self.fc.weight = pyro.nn.PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([3, 4]).to_event(2))
-            self.noise = MultiplicativeNoise(3)
-            self.out = nn.Linear(3, 2)
-
-        def forward(self, x, y=None):
-            logits = self.out(self.noise(torch.tanh(self.fc(x))))
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
-
-    model = BayesNet()
-    guide = AutoGuideList(model)
-    guide.append(AutoNormal(hide_noise_sites(model)))
-    guide.append(AutoTruncatedLogNormal(model))
-    guide(torch.randn(5, 4), torch.randint(0, 2, (5,)))
+    model, guide = bayes_net_and_guide(3, torch.randn(5, 4), torch.randint(0, 2, (5,)))
     set_posterior(guide[1], "noise.theta", [-20.0, 0.0, 0.0], [0.0, -5.0, -5.0])
     result = reduce(model, guide, "bmrs_n")
     assert result.keep["noise.theta"].tolist() == [False, True, True]
     with pytest.raises(ValueError, match="AutoTruncatedLogNormal"):
         reduce(model, guide[0], "bmrs_n")
+
+
+def test_find_noise_guide_looks_into_nested_guide_lists():
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    from bmrs_pyro.guides import find_noise_guide, hide_noise_sites
+
+    model, _, _ = small_model()
+    inner = AutoGuideList(model)
+    noise_part = AutoTruncatedLogNormal(model)
+    inner.append(noise_part)
+    outer = AutoGuideList(model)
+    outer.append(AutoNormal(hide_noise_sites(model)))
+    outer.append(inner)
+    assert find_noise_guide(outer) is noise_part and find_noise_guide(noise_part) is noise_part
+    assert find_noise_guide(outer[0]) is None and find_noise_guide(object()) is None
