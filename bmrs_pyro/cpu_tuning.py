@@ -184,12 +184,12 @@ def tune_for_cpu(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     tuned = copy.deepcopy(module).eval()
-    reference = module.training
+    was_training = module.training
     module.eval()
     try:
         expected = module(example_input)
     finally:
-        module.train(reference)
+        module.train(was_training)
     pools = _rewrite_pools(tuned)
     native = _choose_conv_kernels(tuned, example_input, repeats)
     got = tuned(example_input)
