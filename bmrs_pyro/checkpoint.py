@@ -31,7 +31,9 @@ from torch.distributions import transform_to
 from .infer import History
 
 FORMAT = "bmrs-pyro-checkpoint"
-VERSION = 1
+#: Format version: 2 adds ``rng_state`` (every random state, for an exact resume); version 1
+#: files still load (``rng_state`` None).
+VERSION = 2
 
 __all__ = ["FORMAT", "VERSION", "history_from_dict", "load_checkpoint", "save_checkpoint"]
 
@@ -54,6 +56,12 @@ def history_from_dict(data: Optional[dict]) -> History:
     return history
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An error message on one line (torch's state-dict errors span several), shortened."""
+    text = "; ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _guide_ready(guide: Any) -> bool:
     # AutoGuides create parameters on their first call; an AutoGuideList is ready when its parts are.
     if hasattr(guide, "prototype_trace"):
@@ -71,6 +79,7 @@ def save_checkpoint(
     config: Optional[dict] = None,
     epoch: Optional[int] = None,
     extra: Optional[dict] = None,
+    rng_state: Optional[dict] = None,
 ) -> Path:
     """Write model, guide, Pyro param store, optimizer state and training progress to ``path``.
 
@@ -82,6 +91,8 @@ def save_checkpoint(
         config: the run's options (JSON-like).
         epoch: number of epochs completed.
         extra: anything else to restore with the checkpoint.
+        rng_state: the random states to continue from (:func:`bmrs_pyro.rng.capture_rng`; ``fit``
+            leaves them in ``history.rng_state`` after each epoch), for a bit-exact resume.
 
     Returns the path written.
 
@@ -113,6 +124,7 @@ def save_checkpoint(
         "history": _history_dict(history),
         "config": dict(config) if config is not None else None,
         "extra": dict(extra) if extra is not None else None,
+        "rng_state": rng_state,
     }
     return atomic_torch_save(payload, path)
 
@@ -159,7 +171,8 @@ def load_checkpoint(
     pass it as ``optimizer`` to restore its state too (it must have been built over the same
     parameters in the same order).
 
-    Returns ``{"epoch", "history" (a History), "config", "extra", "optimizer_state"}``.
+    Returns ``{"epoch", "history" (a History), "config", "extra", "optimizer_state", "rng_state"}``
+    (``rng_state`` None for checkpoints written without one, e.g. by format version 1).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -172,10 +185,14 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{path} could not be read as a checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path} could not be read as a checkpoint (corrupt or truncated? {type(err).__name__}: "
+                         f"{_one_line(err)}); delete it to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a bmrs-pyro checkpoint (no {FORMAT!r} marker)")
-    if payload.get("version", 0) > VERSION:
+    version = payload.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path} has an invalid checkpoint format version {version!r}")
+    if version > VERSION:
         raise ValueError(f"{path} was written by a newer bmrs-pyro (format version {payload['version']}); upgrade")
     if not _guide_ready(guide):
         if example_input is None:
@@ -189,7 +206,9 @@ def load_checkpoint(
         model.load_state_dict(payload["model_state"])
         guide.load_state_dict(payload["guide_state"])
     except RuntimeError as err:
-        raise ValueError(f"the checkpoint does not fit this model/guide (built with other options?): {err}") from None
+        detail = _one_line(err).split(":; ", 1)[-1]  # drop torch's "Error(s) in loading state_dict for X:"
+        raise ValueError(f"{path} does not fit this model/guide: it was saved from a different one ({detail}); "
+                         "build the model with the options it was saved with") from None
     _restore_param_store(payload.get("param_store") or {})
     opt_state = payload.get("optimizer_state")
     if optimizer is not None:
@@ -198,11 +217,12 @@ def load_checkpoint(
         try:
             optimizer.load_state_dict(opt_state)
         except ValueError as err:
-            raise ValueError(f"the optimizer state does not fit this optimizer: {err}") from None
+            raise ValueError(f"the optimizer state does not fit this optimizer: {_one_line(err)}") from None
     return {
         "epoch": payload.get("epoch"),
         "history": history_from_dict(payload.get("history")),
         "config": payload.get("config"),
         "extra": payload.get("extra"),
         "optimizer_state": opt_state,
+        "rng_state": payload.get("rng_state"),
     }

@@ -5,9 +5,9 @@ handler ``handler(args) -> exit code``. :data:`COMMANDS` lists them and :func:`b
 registers them in that order, so a new subcommand is one more ``Command(...)`` entry (see the
 marked place near the end of this module). The work itself lives in :mod:`bmrs_pyro.runs`.
 
-Exit codes: 0 success, 2 bad input (unknown names, invalid numbers, unwritable or missing
-folders; the message goes to stderr, no traceback), 1 a failure during the run (e.g. training
-diverged), 130 interrupted.
+Exit codes: 0 success, 2 bad input (unknown names, invalid numbers, bad data, unwritable or missing
+folders, a run folder locked by another process; the message goes to stderr, no traceback), 1 a
+failure during the run (e.g. training diverged, disk full), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -241,13 +241,17 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     config, resume_dir = _run_config(args, argv)
     log = (lambda _msg: None) if config.quiet else stderr_log(PROG)
-    run_dir, metrics, _ = execute(config, run_dir=resume_dir, resume=resume_dir is not None, log=log,
-                                  progress=not config.quiet, argv=list(argv))
-    if config.report:
+
+    def report(run_dir: Path) -> None:  # runs while the run still holds its folder's lock
         log("building the report")
         from bmrs_pyro.analysis.report import build_report
 
         build_report(run_dir)
+
+    # config.json records the whole command, subcommand included, so it can be run again as written.
+    run_dir, metrics, _ = execute(config, run_dir=resume_dir, resume=resume_dir is not None, log=log,
+                                  progress=not config.quiet, argv=["run", *argv],
+                                  finish=report if config.report else None)
     print(format_summary(metrics, run_dir))
     log(f"done in {metrics['seconds']:.1f} s: {run_dir}")
     return EXIT_OK
@@ -270,13 +274,24 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``bmrs report RUN_DIR``: rebuild ``figures/`` and ``report.html`` from a run folder."""
     from bmrs_pyro.analysis.report import build_report
 
+    from .runlock import RunLock
+    from .runs import CONFIG_FILE, METRICS_FILE, ensure_writable
+
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
+    missing = [f for f in (CONFIG_FILE, METRICS_FILE) if not (run_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder: {' and '.join(missing)} missing "
+                                "(a run writes metrics.json when it ends; resume it with `bmrs run --resume`)")
+    ensure_writable(run_dir)
+    if (run_dir / "figures").is_dir():
+        ensure_writable(run_dir / "figures", run_dir)
     try:
-        out = build_report(run_dir, dpi=args.dpi)
+        with RunLock(run_dir, "report"):
+            out = build_report(run_dir, dpi=args.dpi)
     except (OSError, KeyError, TypeError) as err:
-        if isinstance(err, FileNotFoundError):
+        if isinstance(err, (FileNotFoundError, PermissionError)):
             raise
         # A corrupt netCDF or metrics of the wrong shape: say which folder, not a traceback.
         raise UsageError(f"{run_dir} is not a valid run folder ({type(err).__name__}: {err})") from None
@@ -323,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _permission_message(err: PermissionError) -> str:
+    """'permission denied' with the path, whether the error carries a filename or a message."""
+    if err.filename:
+        return f"permission denied: cannot write {err.filename}; make it writable or pick another folder"
+    text = str(err)
+    return text if "ermission denied" in text else f"permission denied: {text}"
+
+
 def _error(message: str) -> None:
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
@@ -344,7 +367,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDivergedError as err:
         _error(f"training diverged: {err}")
         return EXIT_FAILURE
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except PermissionError as err:
+        _error(_permission_message(err))
+        return EXIT_USAGE
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         _error(str(err))
         return EXIT_USAGE
     except OSError as err:  # e.g. the disk filled up while writing the run folder

@@ -15,8 +15,10 @@ from pyro.poutine.messenger import Messenger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checks import InputError, check_data
 from .elbo import MeanFieldNoiseELBO
 from .nn import noise_mode, noise_modules, set_kl_weight
+from .rng import capture_rng, restore_rng
 
 Data = Union[tuple, DataLoader]
 
@@ -106,14 +108,14 @@ def _as_tensors(data: Data, name: str) -> tuple:
     if isinstance(data, DataLoader):
         return data
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{name} must be a tuple (X, y) of tensors or a DataLoader, got {type(data).__name__}")
+        raise InputError(f"{name} must be a tuple (X, y) of tensors or a DataLoader, got {type(data).__name__}")
     x, y = data
     if not (torch.is_tensor(x) and torch.is_tensor(y)):
-        raise ValueError(f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
+        raise InputError(f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{name}: X has {x.shape[0]} rows but y has {y.shape[0]}")
+        raise InputError(f"{name}: X has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(f"{name} is empty")
     return x, y
 
 
@@ -172,6 +174,13 @@ def _param_groups(params: list, guide, lr: float, guide_lr: Optional[float]) -> 
     return [g for g in groups if g["params"]]
 
 
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message, without the tensor dump torch.distributions appends."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split(" but found invalid values")[0].rstrip(",")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _diagnose_nan(guide, step: int, loss: torch.Tensor) -> str:
     for name, p in getattr(guide, "named_parameters", lambda: [])():
         bad = ~torch.isfinite(p)
@@ -202,6 +211,7 @@ def fit(
     start_epoch: int = 0,
     optimizer: Optional[torch.optim.Optimizer] = None,
     history: Optional[History] = None,
+    rng_state: Optional[dict] = None,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
@@ -230,6 +240,11 @@ def fit(
         callbacks: each is called as ``callback(epoch, history, model, guide)`` after every
             epoch; returning ``True`` stops training.
         start_epoch, optimizer, history: to resume an interrupted run.
+        rng_state: the random state to continue from (:func:`bmrs_pyro.rng.capture_rng`, as
+            saved in a checkpoint) instead of seeding with ``seed``: with it, a run resumed at an
+            epoch boundary draws the same numbers (noise samples, minibatch order) as the
+            uninterrupted run, and ends bit-identical on CPU. After every epoch ``fit`` stores
+            the state to continue from in ``history.rng_state`` (before the callbacks run).
 
     Raises:
         ValueError: bad arguments; :class:`TrainingDivergedError` (a ValueError) if the loss
@@ -252,9 +267,14 @@ def fit(
         set_kl_weight(model, kl_weight)
     if isinstance(guide, torch.nn.Module):
         guide.to(device)
+    check_data(train_data, model, name="train_data", device=device)  # before any random number is drawn
 
-    pyro.set_rng_seed(seed)
-    generator = torch.Generator().manual_seed(seed + start_epoch)
+    generator = torch.Generator()
+    if rng_state is None:
+        pyro.set_rng_seed(seed)
+        generator.manual_seed(seed + start_epoch)
+    else:
+        restore_rng(rng_state, generator)
     n = _dataset_size(train_data)
     elbo = make_elbo(loss, num_particles)
     history = history if history is not None else History()
@@ -271,7 +291,8 @@ def fit(
             for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
                 if params is None:
                     # One traced pass creates the guide's parameters and finds bare pyro.param sites.
-                    with poutine.trace(param_only=True) as param_trace:
+                    # When continuing a saved random state, this extra pass must not draw from it.
+                    with _rng_untouched(rng_state is not None), poutine.trace(param_only=True) as param_trace:
                         minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
                     params = _trainable(model, guide, param_trace.trace)
                     if optimizer is None:
@@ -283,7 +304,7 @@ def fit(
                 except ValueError as err:  # e.g. a distribution rejecting NaN logits
                     if "nan" not in str(err).lower() and "invalid values" not in str(err):
                         raise
-                    raise TrainingDivergedError(f"step {step}: non-finite values in the model: {err}") from err
+                    raise TrainingDivergedError(f"step {step}: non-finite values in the model: {_first_line(err)}") from err
                 if not torch.isfinite(loss_value):
                     raise TrainingDivergedError(_diagnose_nan(guide, step, loss_value))
                 loss_value.backward()
@@ -300,6 +321,7 @@ def fit(
             bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
             if prune_every is not None and (epoch + 1 - start_epoch) % prune_every == 0:
                 frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history)
+            history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
             stop = False
             for callback in callbacks:
                 stop = bool(callback(epoch, history, model, guide)) or stop
@@ -309,6 +331,16 @@ def fit(
         bar.close()
     history.optimizer = optimizer  # type: ignore[attr-defined]
     return history
+
+
+def _rng_untouched(active: bool):
+    """Fork torch's random state (CPU and initialised CUDA devices) when ``active``."""
+    import contextlib
+
+    if not active:
+        return contextlib.nullcontext()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _prune(model, guide, method: str, options: dict, epoch: int, history: History) -> dict:
@@ -383,6 +415,7 @@ def evaluate(
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
     _check_positive("num_samples", num_samples, int)
     data = _as_tensors(data, "data")
+    check_data(data, model, name="data", obs_site=obs_site, device=device)
     pyro.set_rng_seed(seed)
     # Evaluate with running BatchNorm statistics (and no dropout); restore the caller's mode.
     was_training = model.training if isinstance(model, torch.nn.Module) else False

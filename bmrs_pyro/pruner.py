@@ -221,6 +221,10 @@ def reduce(
         raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
     if criterion.needs_data and data is None:
         raise ValueError(f"{criterion.name!r} needs data: pass data=(X, y) (training data)")
+    if data is not None:
+        from .checks import check_data
+
+        check_data(data, model, name="data")  # one-line errors before any structure is scored
     noise_guide = _noise_guide(guide)
     sites = _sites(model, noise_guide)
 

@@ -227,6 +227,7 @@ class RunConfig:
         _nonneg_int("finetune_epochs", self.finetune_epochs)
         _nonneg_int("seed", self.seed)
         _nonneg_int("bits", self.bits)
+        check_bits(self.bits)
         if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (_is_number(self.guide_lr) and self.guide_lr > 0 and math.isfinite(self.guide_lr)):
@@ -286,6 +287,18 @@ class RunConfig:
         if self.method == "bmrs_n" and self.reference_code:
             return {"reference_code": True}
         return {}
+
+
+#: Largest ``bits`` of BMRS_U: the reduced prior's upper bound 2^-bits must stay above the prior's
+#: lower bound e^-20 of log theta (20 / ln 2 = 28.9).
+MAX_BITS = 28
+
+
+def check_bits(bits: Any) -> None:
+    """``bits`` of BMRS_U must be an integer in 1 .. :data:`MAX_BITS` (ValueError otherwise)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in 1..{MAX_BITS} (BMRS_U's reduced prior ends at 2^-bits, "
+                         f"inside the prior's range [e^-20, 1]), got {bits!r}")
 
 
 def _is_number(value: Any) -> bool:
@@ -398,6 +411,8 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     device: torch.device
     history: History = field(default_factory=History)
+    #: Random states to continue from (set when resuming from a checkpoint; see bmrs_pyro.rng).
+    rng_state: Optional[dict] = None
 
 
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -455,7 +470,8 @@ def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
     def callback(epoch: int, history: History, model, guide) -> bool:
         if path is not None:
             save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
-                            config=exp.config.to_dict(), epoch=epoch + 1, extra={"stage": "train"})
+                            config=exp.config.to_dict(), epoch=epoch + 1, extra={"stage": "train"},
+                            rng_state=getattr(history, "rng_state", None))
         return False
 
     return callback
@@ -506,6 +522,8 @@ def train(
         hold_pruned(exp)
     callback = _checkpoint_callback(exp, checkpoint)
     epoch = start_epoch
+    # Continue the saved random stream (exact resume); each later chunk continues the previous one.
+    rng_state = exp.rng_state if start_epoch else None
     while epoch < cfg.epochs:
         pe = cfg.prune_every or 0
         if pe and epoch % pe:
@@ -518,7 +536,9 @@ def train(
         fit(exp.model, exp.guide, exp.data.train, epochs=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
             kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
             prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
-            progress=progress, start_epoch=epoch, optimizer=exp.optimizer, history=exp.history)
+            progress=progress, start_epoch=epoch, optimizer=exp.optimizer, history=exp.history,
+            rng_state=rng_state)
+        rng_state = getattr(exp.history, "rng_state", None)
         epoch += chunk
     return exp.history
 
@@ -732,6 +752,7 @@ def execute(
     log: Log = _quiet,
     progress: bool = True,
     argv: Optional[Sequence[str]] = None,
+    finish: Optional[Callable[[Path], Any]] = None,
 ) -> tuple[Path, dict, Any]:
     """Run (or resume) a whole experiment; returns ``(run_dir, metrics, reduction)``.
 
@@ -742,41 +763,218 @@ def execute(
     epoch to ``config.epochs`` -- after a crash, or to extend a finished run with a larger
     ``epochs`` -- then the final reduction, fine-tuning and evaluation run again. The final,
     fine-tuned model is saved as ``final.pt`` (same format, with the reduction in ``extra``).
+
+    Reliability (see ``docs/reliability.md``): every option is validated, the data are loaded and
+    checked (:func:`check_experiment_data`) before a run folder is made, so a run that fails
+    before training leaves no folder; the folder is locked (:class:`~bmrs_pyro.runlock.RunLock`)
+    from then until this function returns, so a second writer is refused; a default name that
+    exists gets a suffix (``-2``, ...). A checkpoint holds every random state, so a resumed run
+    ends bit-identical to the uninterrupted one on CPU. ``finish(run_dir)``, if given, runs at
+    the end with the lock still held (``bmrs run`` builds the report there).
     """
+    default_name = config.name is None and run_dir is None and not resume
     config = config.resolved().validate()
     threads = torch.get_num_threads()
     if check_device(config.device).type == "cpu":
         torch.set_num_threads(config.threads)
     try:
-        return _execute(config, run_dir=run_dir, resume=resume, log=log, progress=progress, argv=argv)
+        opened = open_run(config, run_dir=run_dir, resume=resume, default_name=default_name, log=log, argv=argv)
+        try:
+            result = _execute(opened.config, run_dir=opened.run_dir, resume=resume, log=log, progress=progress,
+                              argv=argv, opened=opened)
+            if finish is not None:
+                finish(result[0])
+            return result
+        finally:
+            opened.lock.release()
     finally:
         torch.set_num_threads(threads)
 
 
-def _execute(config: RunConfig, *, run_dir: Optional[Path], resume: bool, log: Log, progress: bool,
-             argv: Optional[Sequence[str]]) -> tuple[Path, dict, Any]:
-    from .checkpoint import load_checkpoint, save_checkpoint
+@dataclass
+class OpenedRun:
+    """A run folder ready for training: locked, ``config.json`` written, experiment built."""
+
+    config: RunConfig
+    run_dir: Path
+    lock: Any
+    exp: "Experiment"
+    start: int
+    t_start: float
+
+
+def check_experiment_data(exp: "Experiment") -> None:
+    """Check every split of ``exp.data`` against the model (:func:`bmrs_pyro.checks.check_data`)."""
+    from .checks import check_data
+
+    for split in ("train", "val", "test"):
+        data = getattr(exp.data, split, None)
+        if data is not None:
+            check_data(data, exp.model, name=f"{exp.config.data} {split} split", device=exp.device)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def ensure_writable(folder: Path, run_dir: Optional[Path] = None) -> None:
+    """Prove ``folder`` accepts new files (a temporary file, removed at once).
+
+    Raises PermissionError naming the folder (and the run folder it is for), or ValueError for
+    another OS error (a read-only file system, a full disk).
+    """
+    target = run_dir if run_dir is not None else folder
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except PermissionError:
+        where = "" if folder == target else f" (writing in {folder})"
+        raise PermissionError(f"cannot write the run folder {target}: Permission denied{where}; make it writable "
+                              "or pick another --output") from None
+    except OSError as err:
+        raise ValueError(f"cannot write the run folder {target}: {err.strerror or err}; pick another --output") from None
+
+
+def _preflight_new(config: RunConfig, default_name: bool) -> Path:
+    """Checks of a new run's folder that create nothing (before the data are loaded)."""
+    from .runlock import lock_holder
+
+    out = Path(config.output)
+    run_dir = out / str(config.name)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write runs under {out}: {parent} is a file, not a folder; pick another --output")
+    if not default_name:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"{run_dir} is a file, not a run folder; pick another --name")
+        _refuse_existing(run_dir)
+    ensure_writable(_nearest_existing(run_dir), run_dir)
+    return run_dir
+
+
+def _refuse_existing(run_dir: Path) -> None:
+    from .runlock import RunLockedError, lock_holder
+
+    holder = lock_holder(run_dir) if run_dir.is_dir() else None
+    if holder is not None:
+        raise RunLockedError(f"{run_dir} is in use by another bmrs {holder.get('purpose', 'run')} "
+                             f"(PID {holder.get('pid', '?')}); pick another --name")
+    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run; pick another --name, or continue it with --resume {run_dir}")
+
+
+def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool = False, default_name: bool = False,
+             log: Log = _quiet, argv: Optional[Sequence[str]] = None) -> OpenedRun:
+    """Everything before training: folder checks, data, model, lock, ``config.json``.
+
+    A new run: the folder is checked without creating anything, the data are loaded and checked,
+    then the folder is made (atomically; with ``default_name`` a taken name gets ``-2``, ``-3``,
+    ...), locked and given ``config.json``. A failure at any of these steps leaves no folder
+    behind. A resumed run: the existing folder is locked first, then checked for writability
+    (``figures/`` too when the report is on) and its checkpoint loaded.
+
+    Raises:
+        RunLockedError: another process holds the folder (its PID in the message).
+        ValueError / FileNotFoundError / PermissionError: what to fix, in one line.
+    """
+    import shutil
+
+    from .checkpoint import load_checkpoint
+    from .runlock import RunLock, create_unique_dir
 
     t_start = time.perf_counter()
-    if run_dir is None:
-        run_dir = prepare_run_dir(config.output, config.name, resume=resume)
-    else:
-        run_dir = prepare_run_dir(run_dir.parent, run_dir.name, resume=resume)
-    ckpt = run_dir / CHECKPOINT_FILE
-    if resume and not ckpt.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE} to resume from (no epoch finished); start a new run")
+    if resume:
+        run_dir = Path(run_dir) if run_dir is not None else Path(config.output) / str(config.name)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
+        lock = RunLock(run_dir, "run").acquire()
+        try:
+            ensure_writable(run_dir)
+            figures = run_dir / "figures"
+            if config.report and figures.is_dir():
+                ensure_writable(figures, run_dir)
+            ckpt = run_dir / CHECKPOINT_FILE
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT_FILE} to resume from (no epoch finished); "
+                                        "start a new run")
+            log(f"loading {config.data} and building {config.model}")
+            exp = build_experiment(config)
+            check_experiment_data(exp)
+            state = load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
+            exp.history = state["history"]
+            exp.rng_state = state.get("rng_state")
+            start = int(state["epoch"] or 0)
+            if start > config.epochs:
+                raise ValueError(f"{ckpt} has {start} training epochs already; --epochs must be at least {start}")
+            log(f"resuming {run_dir} from epoch {start} of {config.epochs}")
+            if exp.rng_state is None and start < config.epochs:
+                log("this checkpoint holds no random state (older format): the resumed epochs draw fresh numbers")
+            atomic_write_json(run_dir / CONFIG_FILE, config_record(config, argv))
+        except BaseException:
+            lock.release()
+            raise
+        return OpenedRun(config, run_dir, lock, exp, start, t_start)
 
+    if run_dir is not None:
+        config = dataclasses.replace(config, output=str(Path(run_dir).parent), name=Path(run_dir).name)
+    target = _preflight_new(config, default_name)
     log(f"loading {config.data} and building {config.model}")
     exp = build_experiment(config)
-    start = 0
-    if resume:
-        state = load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
-        exp.history = state["history"]
-        start = int(state["epoch"] or 0)
-        if start > config.epochs:
-            raise ValueError(f"{ckpt} has {start} training epochs already; --epochs must be at least {start}")
-        log(f"resuming {run_dir} from epoch {start} of {config.epochs}")
-    atomic_write_json(run_dir / CONFIG_FILE, config_record(config, argv))
+    check_experiment_data(exp)
+    if default_name:
+        run_dir = create_unique_dir(config.output, str(config.name))
+        created = True
+        if run_dir.name != config.name:
+            config = dataclasses.replace(config, name=run_dir.name)
+            exp.config = config
+    else:
+        run_dir = target
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise PermissionError(f"cannot create the run folder {run_dir}: Permission denied; pick another --output") from None
+        except OSError as err:
+            raise ValueError(f"cannot create the run folder {run_dir}: {err.strerror or err}; pick another --output") from None
+    lock = RunLock(run_dir, "run")
+    try:
+        lock.acquire()
+        if not default_name:
+            _refuse_existing_config(run_dir)
+        ensure_writable(run_dir)
+        atomic_write_json(run_dir / CONFIG_FILE, config_record(config, argv))
+    except BaseException:
+        # Nothing was trained: leave no trace of this run (only what it made itself).
+        if lock.held:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    lock.path.unlink()
+            lock.release()
+        elif created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    return OpenedRun(config, run_dir, lock, exp, 0, t_start)
+
+
+def _refuse_existing_config(run_dir: Path) -> None:
+    if (run_dir / CONFIG_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run; pick another --name, or continue it with --resume {run_dir}")
+
+
+def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progress: bool,
+             argv: Optional[Sequence[str]], opened: OpenedRun) -> tuple[Path, dict, Any]:
+    from .checkpoint import save_checkpoint
+
+    t_start = opened.t_start
+    exp, start = opened.exp, opened.start
+    ckpt = run_dir / CHECKPOINT_FILE
 
     t_train = time.perf_counter()
     if start < config.epochs:

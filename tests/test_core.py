@@ -292,13 +292,18 @@ def test_fit_is_reproducible(noisy_mlp):
     assert losses[0] == losses[1]
 
 
-def test_fit_stops_on_nan_naming_the_step(noisy_mlp):
+def test_fit_refuses_nan_features_before_the_first_step(noisy_mlp):
+    # NaN in the data is an input error found up front (bmrs_pyro.checks), not a divergence;
+    # NaN that appears during training is tested in test_reliability.py.
+    from bmrs_pyro.checks import InputError
+
     x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
     x[20] = float("nan")
     model = noisy_mlp((5, 4, 3))
     guide = AutoTruncatedLogNormal(model)
-    with pytest.raises(TrainingDivergedError, match=r"step \d+"):
+    with pytest.raises(InputError, match=r"5 non-finite value\(s\) \(NaN or inf\), the first \(nan\) at row 20, column 0"):
         fit(model, guide, (x, y), epochs=2, batch_size=8, progress=False)
+    assert guide.prototype_trace is None  # no step was taken
     assert issubclass(TrainingDivergedError, ValueError)
 
 
