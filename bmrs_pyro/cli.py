@@ -154,7 +154,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="remove this share of structures, lowest-ranked first (post-training)")
     g.add_argument("--bits", type=_nonneg_int, default=default(d.bits),
                    help="bmrs_u: the reduced prior is log-uniform up to 2^-bits")
-    g.add_argument("--reference-code", action="store_true",
+    g.add_argument("--reference-code", action="store_true", default=default(False),
                    help="bmrs_n: use the authors' public-code dF (0.919 nats higher: it lacks -0.5 log 2pi); "
                         "reproduces their pruning of near-prior structures, not the exact evidence")
     g.add_argument("--prune-every", type=_nonneg_int, default=default(d.prune_every),
