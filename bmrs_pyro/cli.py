@@ -338,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What an interrupted command leaves and how to go on (files are written atomically, so none is half-written).
+_INTERRUPTED = {
+    "run": "interrupted; a run can be continued with `bmrs run --resume <run folder>`",
+    "report": "interrupted; files already in the run folder are unchanged or complete: run `bmrs report` again",
+}
+
+
 def _permission_message(err: PermissionError) -> str:
     """'permission denied' with the path, whether the error carries a filename or a message."""
     if err.filename:
@@ -377,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error(f"{err}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        _error("interrupted; a run can be continued with `bmrs run --resume <run folder>`")
+        _error(_INTERRUPTED.get(args.command, "interrupted"))
         return EXIT_INTERRUPTED
 
 

@@ -106,6 +106,9 @@ CURVES_FILE = "curves.json"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
 WIDTHS_MD = "widths.md"
+#: Records of the finished (method, seed) tasks of a comparison that has not ended yet, one JSON
+#: object a line after a header line with the settings; a re-run with the same settings skips them.
+PARTIAL_FILE = "partial.jsonl"
 FIGURES = {"structures": "accuracy_structures.png", "parameters": "accuracy_parameters.png"}
 
 # Budgets of --quick: a smoke test that runs in seconds, not a comparison.
@@ -410,16 +413,46 @@ def run_many(configs: Sequence[CompareConfig], *, workers: int = 1, progress: bo
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     for config in configs:
         check_config(config)
-    dirs = [_prepare_dir(c) if write else None for c in configs]
-    jobs = [(i, m, s) for i, c in enumerate(configs) for m, s in _tasks(c)]
+    from .runlock import RunLock
+
+    locks: list = []
+    try:
+        dirs = [_prepare_dir(c) if write else None for c in configs]
+        for d in dirs:
+            if d is not None:
+                locks.append(RunLock(d, "compare").acquire())  # one writer per comparison folder
+        found: list[list[dict]] = [_resume_records(d, c) if d is not None else [] for c, d in zip(configs, dirs)]
+        return _run_jobs(configs, dirs, found, workers=workers, progress=progress, write=write, on_result=on_result)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _task_done(records: Sequence[Mapping], methods: Sequence[str], seed: int) -> bool:
+    ok = {(r["method"], r["seed"]) for r in records if "error" not in r}
+    return all((m, seed) in ok for m in methods)
+
+
+def _run_jobs(configs: Sequence[CompareConfig], dirs: list, found: list[list[dict]], *, workers: int, progress: bool,
+              write: bool, on_result) -> list[dict]:
+    jobs = [(i, m, s) for i, c in enumerate(configs) for m, s in _tasks(c) if not _task_done(found[i], m, s)]
+    # Records of a task that is run again (it failed before) are replaced by the new ones.
+    for i, m, s in jobs:
+        found[i] = [r for r in found[i] if not (r["seed"] == s and r["method"] in m)]
+    journals = [open(d / PARTIAL_FILE, "a", encoding="utf-8") if d is not None else None for d in dirs]
     from tqdm.auto import tqdm
 
     label = configs[0].name if len(configs) == 1 else f"{len(configs)} comparisons"
     bar = tqdm(total=sum(len(m) for _, m, _ in jobs), disable=not progress, desc=f"compare {label}", unit="run")
-    found: list[list[dict]] = [[] for _ in configs]
 
     def done(i: int, got: list) -> None:
         found[i] += got
+        journal = journals[i]
+        if journal is not None:  # kept on disk at once: an interrupted comparison resumes from here
+            for record in got:
+                journal.write(json.dumps(record, default=_json_value) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
         bar.update(len(got))
         if on_result is not None:
             on_result(configs[i], got)
@@ -440,6 +473,9 @@ def run_many(configs: Sequence[CompareConfig], *, workers: int = 1, progress: bo
                     done(futures[fut], fut.result())
     finally:
         bar.close()
+        for journal in journals:
+            if journal is not None:
+                journal.close()
     outs = []
     for config, records, run_dir in zip(configs, found, dirs):
         rank = {m: i for i, m in enumerate(config.methods)}
@@ -448,8 +484,52 @@ def run_many(configs: Sequence[CompareConfig], *, workers: int = 1, progress: bo
                "dir": run_dir, "teacher_width": _load_data(config, 0).info.get("teacher_width")}
         if write:
             write_outputs(run_dir, out)
+            (run_dir / PARTIAL_FILE).unlink(missing_ok=True)  # curves.json now holds every record
         outs.append(out)
     return outs
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _settings_key(config: CompareConfig) -> str:
+    """The settings that decide the records (not where they go or how many processes run them)."""
+    d = config.to_dict()
+    for key in ("output", "name", "workers", "threads", "overwrite"):
+        d.pop(key, None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _resume_records(run_dir: Path, config: CompareConfig) -> list[dict]:
+    """Records of an interrupted comparison in ``run_dir`` with the same settings (else [])."""
+    path = run_dir / PARTIAL_FILE
+    key = _settings_key(config)
+    if path.is_file() and not config.overwrite:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if lines and header.get("settings") != key:
+            raise ValueError(f"{run_dir} holds an unfinished comparison with other settings; run it with the same "
+                             "options to continue it, pass --overwrite to start over, or pick another --name")
+        records = []
+        for line in lines[1:]:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption: that task runs again
+        if records or lines:
+            return records
+    from .runs import atomic_write_text
+
+    atomic_write_text(path, json.dumps({"settings": key}) + "\n")
+    return []
 
 
 def _prepare_dir(config: CompareConfig) -> Path:
@@ -910,7 +990,13 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     config = config_from_args(args)
     start = time.perf_counter()
-    out = run_compare(config, progress=not args.quiet)
+    try:
+        out = run_compare(config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        folder = Path(config.output) / str(config.name)
+        print(f"bmrs: interrupted; the finished (method, seed) pairs are kept in {folder / PARTIAL_FILE}: run the "
+              f"same command with --name {config.name} to continue", file=sys.stderr)
+        return 130
     print(format_markdown(out["rows"]))
     errors = [r for r in out["records"] if "error" in r]
     for r in errors:

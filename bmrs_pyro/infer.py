@@ -113,9 +113,9 @@ def _as_tensors(data: Data, name: str) -> tuple:
     if not (torch.is_tensor(x) and torch.is_tensor(y)):
         raise InputError(f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
     if x.shape[0] != y.shape[0]:
-        raise InputError(f"{name}: X has {x.shape[0]} rows but y has {y.shape[0]}")
+        raise InputError(f"{name}: X has {x.shape[0]} rows but y has {y.shape[0]}; pass one label per example")
     if x.shape[0] == 0:
-        raise InputError(f"{name} is empty")
+        raise InputError(f"{name} is empty (0 examples); pass at least one example")
     return x, y
 
 

@@ -75,9 +75,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None and err.errno:
+            # e.g. a full disk while writing: say which file (OSError picks the errno's subclass).
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
     return path
 
