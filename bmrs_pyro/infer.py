@@ -247,8 +247,11 @@ def fit(
             the state to continue from in ``history.rng_state`` (before the callbacks run).
 
     Raises:
-        ValueError: bad arguments; :class:`TrainingDivergedError` (a ValueError) if the loss
-        becomes NaN/inf, naming the step and the offending site or parameter.
+        ValueError: bad arguments; :class:`~bmrs_pyro.checks.InputError` (a ValueError) for data
+        that cannot be used (non-finite features, labels outside ``0..C-1``, examples the model
+        cannot take, empty or mismatched X/y), before any step; :class:`TrainingDivergedError`
+        (a ValueError) if the loss becomes NaN/inf, naming the step and the offending site or
+        parameter.
     """
     _check_positive("epochs", epochs, int)
     _check_positive("batch_size", batch_size, int)
@@ -409,7 +412,8 @@ def evaluate(
 
     ``mode="mean"``: deterministic, theta = E_q[theta] * mask (the BMRS test-time rule).
     ``mode="sample"``: the posterior predictive, p(y|x) averaged over ``num_samples`` draws of
-    theta from the guide. Returns ``{"accuracy", "nll"}`` (nll in nats per example).
+    theta from the guide. Returns ``{"accuracy", "nll"}`` (nll in nats per example). Bad data
+    raise :class:`~bmrs_pyro.checks.InputError` before the first batch (see :func:`fit`).
     """
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")

@@ -844,8 +844,6 @@ def ensure_writable(folder: Path, run_dir: Optional[Path] = None) -> None:
 
 def _preflight_new(config: RunConfig, default_name: bool) -> Path:
     """Checks of a new run's folder that create nothing (before the data are loaded)."""
-    from .runlock import lock_holder
-
     out = Path(config.output)
     run_dir = out / str(config.name)
     for parent in [out, *out.parents]:

@@ -71,7 +71,9 @@ def _stop_after(monkeypatch, epoch: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [4, 6])  # on a pruning boundary, and between two
+# On a pruning boundary, between two, and after the last training epoch (a crash during the final
+# reduction or fine-tuning, which have no checkpoint of their own: they are redone).
+@pytest.mark.parametrize("stop", [4, 6, EPOCHS])
 def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys, stop):
     _stop_after(monkeypatch, stop)
     assert main(["run", *ARGS, "--output", str(tmp_path), "--name", "cut"]) == 130
