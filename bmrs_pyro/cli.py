@@ -348,7 +348,7 @@ _INTERRUPTED = {
 def _permission_message(err: PermissionError) -> str:
     """'permission denied' with the path, whether the error carries a filename or a message."""
     if err.filename:
-        return f"permission denied: cannot write {err.filename}; make it writable or pick another folder"
+        return f"permission denied: {err.filename}; fix its permissions (e.g. chmod u+rw) or pick another folder"
     text = str(err)
     return text if "ermission denied" in text else f"permission denied: {text}"
 

@@ -893,6 +893,9 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
         lock = RunLock(run_dir, "run").acquire()
+        if lock.stale:
+            log(f"the previous run in {run_dir} (PID {lock.stale.get('pid', '?')}) ended without releasing its "
+                "lock (killed?); taking it over")
         try:
             ensure_writable(run_dir)
             figures = run_dir / "figures"
