@@ -100,11 +100,19 @@ def _side_effect_free(model: torch.nn.Module) -> Iterator[None]:
             model.train(was_training)
 
 
-def _first_layer(model: torch.nn.Module) -> Optional[str]:
+def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
+    """What the model's first Linear/Conv layer expects, when that is what ``x`` gets wrong."""
+    import math
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+            got = {int(x.shape[-1]), math.prod(int(d) for d in x.shape[1:])}
+            if module.in_features in got:
+                return None  # the first layer fits; the mismatch is further in
             return f"its first layer {name or 'Linear'} expects {module.in_features} features per example"
         if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            if x.dim() > 1 and int(x.shape[1]) == module.in_channels:
+                return None
             return f"its first layer {name or 'Conv'} expects {module.in_channels} input channels"
     return None
 
@@ -120,7 +128,7 @@ def _probe(model: torch.nn.Module, x: torch.Tensor, name: str, obs_site: str, de
         with _side_effect_free(model), poutine.block():
             trace = poutine.trace(model).get_trace(xb)
     except (RuntimeError, IndexError) as err:
-        expected = _first_layer(model)
+        expected = _first_layer(model, x)
         line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(
             f"{name}: examples of shape {tuple(x.shape[1:])} do not fit the model"

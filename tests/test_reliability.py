@@ -435,3 +435,16 @@ def test_compare_partial_with_other_settings_is_refused(tmp_path, capsys):
     (folder / "partial.jsonl").write_text(json.dumps({"settings": "something else"}) + "\n")
     assert main([*COMPARE, "--output", str(tmp_path)]) == 2
     assert "unfinished comparison with other settings" in capsys.readouterr().err
+
+
+def test_image_shape_errors_say_expected_and_got():
+    model = build("lenet5", (1, 8, 8), 10)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(InputError, match=r"shape \(3, 8, 8\) do not fit the model: its first layer net\.0 expects 1 "
+                                         r"input channels") as info:
+        check_data((torch.randn(4, 3, 8, 8), y), model)
+    _one_line(str(info.value))
+    # Right channels, wrong size: the first layer fits, so the message quotes torch's complaint only.
+    with pytest.raises(InputError, match=r"shape \(1, 5, 5\) do not fit the model \(torch: mat1 and mat2") as info:
+        check_data((torch.randn(4, 1, 5, 5), y), model)
+    assert "expects" not in str(info.value)
