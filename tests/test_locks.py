@@ -170,3 +170,14 @@ def test_two_processes_racing_on_one_name_and_on_default_names(tmp_path):
         assert (f / "metrics.json").is_file()
     printed = {line.split("->")[-1].strip() for r in (c, d) for line in r.stdout.splitlines() if "->" in line}
     assert printed == {str(f) for f in folders}
+
+
+def test_compare_refuses_a_folder_another_compare_holds(tmp_path, capsys):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    with RunLock(folder, "compare"):
+        assert main(["compare", "--quick", "--methods", "bmrs_n", "--seeds", "1", "--hidden", "8", "--quiet",
+                     "--output", str(tmp_path), "--name", "c"]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another bmrs compare (PID {os.getpid()}" in err
+    assert not (folder / "partial.jsonl").exists()
