@@ -458,7 +458,11 @@ def test_default_run(tmp_path, capsys):
     assert config["epochs"] == RunConfig().epochs and config["prune_every"] == runs.DEFAULT_PRUNE_EVERY
     assert config["kl_weight"] == 1.0 and config["hidden"] == [100, 100] and config["activation"] == "tanh"
     assert metrics["accuracy_after"] >= 0.95
-    assert len(metrics["pruning_events"]) == RunConfig().epochs // runs.DEFAULT_PRUNE_EVERY
+    continuous = [e["epoch"] for e in metrics["pruning_events"] if not e.get("final")]
+    start = config["prune_start"]
+    assert start == math.ceil(0.25 * RunConfig().epochs)  # the warm-up: a quarter of the epochs
+    assert continuous == list(range(start - 1, RunConfig().epochs, runs.DEFAULT_PRUNE_EVERY))
+    assert metrics["pruning_events"][-1]["final"] and metrics["decision"]["margin"] == 1.0
     assert (run / "report.html").is_file()
     assert "accuracy (test)" in capsys.readouterr().out
 

@@ -161,9 +161,16 @@ _SBP = ("Neklyudov, Molchanov, Ashukha & Vetrov, 'Structured Bayesian Pruning vi
 
 
 def noise_methods() -> dict[str, NoiseCriterionMethod]:
-    """The multiplicative-noise methods by name (bmrs_n_ref: BMRS_N as the authors' code computes dF)."""
+    """The multiplicative-noise methods by name.
+
+    The BMRS entries decide with the default evidence margin of 1 nat (prune where dF >= -1);
+    ``bmrs_n_strict`` is BMRS_N with margin 0 (the strict Bayes-factor rule dF >= 0) and
+    ``bmrs_n_ref`` the authors' public-code decisions (their dF lacks -0.5 log 2pi: margin 0.919).
+    """
     return {
         "bmrs_n": NoiseCriterionMethod("bmrs_n", "bmrs_n", _BMRS + " (BMRS_N)"),
+        "bmrs_n_strict": NoiseCriterionMethod("bmrs_n_strict", "bmrs_n", _BMRS + " (BMRS_N with margin 0, the strict "
+                                              "rule dF >= 0; for comparison)", {"margin": 0.0}),
         "bmrs_n_ref": NoiseCriterionMethod("bmrs_n_ref", "bmrs_n", _BMRS + " (BMRS_N with the authors' "
                                            "public-code dF, 0.919 nats higher; for comparison)",
                                            {"reference_code": True}),
