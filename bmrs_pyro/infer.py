@@ -266,6 +266,7 @@ def fit(
             prune_start = start_epoch + math.ceil(DEFAULT_PRUNE_WARMUP * epochs)
         if isinstance(prune_start, bool) or not isinstance(prune_start, int) or prune_start < 1:
             raise ValueError(f"prune_start must be an epoch number >= 1, got {prune_start!r}")
+        _check_prune_options(prune_method, prune_options or {})
     train_data = _as_tensors(train_data, "train_data")
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -329,6 +330,21 @@ def fit(
         bar.close()
     history.optimizer = optimizer  # type: ignore[attr-defined]
     return history
+
+
+#: Keyword arguments of a continuous-pruning step that are not the criterion's own options.
+_REDUCE_ARGUMENTS = ("fraction", "scope", "respect_mask", "min_keep", "joint_check")
+
+
+def _check_prune_options(method: str, options: dict) -> None:
+    """Refuse an unknown method or option before the first step, not at the first reduction."""
+    from .criteria import get_criterion
+
+    criterion = get_criterion(method)
+    criterion.check_options({k: v for k, v in options.items() if k not in _REDUCE_ARGUMENTS})
+    if not criterion.has_rule and options.get("fraction") is None:
+        raise ValueError(f"continuous pruning with {method!r} needs prune_options={{'fraction': ...}}: "
+                         "it ranks structures but has no threshold of its own")
 
 
 def _prune_due(done: int, prune_start: int, prune_every: int) -> bool:

@@ -537,3 +537,34 @@ def test_find_noise_guide_looks_into_nested_guide_lists():
     outer.append(inner)
     assert find_noise_guide(outer) is noise_part and find_noise_guide(noise_part) is noise_part
     assert find_noise_guide(outer[0]) is None and find_noise_guide(object()) is None
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("magic", {}, "unknown pruning method"),
+    ("bmrs_u", {"bits": 0}, "bits"),
+    ("bmrs_n", {"margin": -1.0}, "margin"),
+    ("bmrs_n", {"colour": 1}, "unknown option"),
+    ("l2", {}, "needs prune_options"),
+])
+def test_continuous_pruning_options_are_checked_before_the_first_step(method, options, message):
+    model, guide, data = small_model()
+    steps = []
+
+    def never(epoch, history, model, guide):
+        steps.append(epoch)
+
+    with pytest.raises(ValueError, match=message):
+        fit(model, guide, data, epochs=3, prune_every=1, prune_method=method, prune_options=options,
+            callbacks=[never], progress=False)
+    assert steps == []  # refused before training, not at the first reduction
+
+
+def test_prune_start_is_the_first_reduction_then_every_k():
+    model, guide, data = small_model()
+    history = fit(model, guide, data, epochs=12, prune_every=3, prune_start=5, progress=False)
+    assert [e["epoch"] + 1 for e in history.events if e["event"] == "prune"] == [5, 8, 11]
+    model, guide, data = small_model()
+    history = fit(model, guide, data, epochs=12, prune_every=4, progress=False)  # default: a quarter
+    assert [e["epoch"] + 1 for e in history.events if e["event"] == "prune"] == [3, 7, 11]
+    with pytest.raises(ValueError, match="prune_start"):
+        fit(model, guide, data, epochs=2, prune_every=1, prune_start=0, progress=False)

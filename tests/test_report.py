@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import html
+import shutil
 import importlib.util
 import io
 import json
@@ -454,3 +456,66 @@ def test_dom_check_flags_external_and_broken_images():
     bad = check.inspect_dom(f'<img src="data:image/png;base64,{good}"><link href="http://x/s.css">')
     assert not bad["ok"] and bad["external_refs"] == ["<link href=http://x/s.css>"]
     assert not check.inspect_dom("<p>no images</p>")["ok"]
+
+
+def test_report_says_what_was_removed_and_why(run_dir, tmp_path):
+    from bmrs_pyro.analysis.report import decision_sentence
+    from bmrs_pyro.runs import decision_summary
+
+    run, metrics = run_dir
+    base = {"structures": {"total": 200, "kept": 36, "removed_pct": 82.0}, "method": "bmrs_n",
+            "decision": {"method": "bmrs_n", "rule": "prune where dF >= -1 nat", "margin": 1.0,
+                         "tie_band": {"band": [-1.0, 0.0], "count": 170, "removed": 164}}}
+    text = decision_sentence(base)
+    assert text.startswith("bmrs_n removed 164 of 200 structures (82.0 %) by the rule: prune where dF >= -1 nat")
+    assert "164 of them lie in the tie band [-1, 0)" in text and "less than 1 nat of evidence" in text
+    nothing = dict(base, structures={"total": 200, "kept": 200, "removed_pct": 0.0})
+    assert "removed nothing: every structure has dF < -1" in decision_sentence(nothing)
+    assert "unpruned baseline" in decision_sentence(dict(nothing, decision={"method": "none", "rule": "keep"}))
+    # in the page, for a real reduction of the run folder's model
+    metrics = dict(metrics, decision={"method": "bmrs_n", "rule": "prune where dF >= -1 nat", "margin": 1.0,
+                                      "tie_band": {"band": [-1.0, 0.0], "count": 1, "removed": 1}},
+                   seconds=2.5, seconds_total=40.0, epochs={"train": 2, "finetune": 0, "resumed_from": 1})
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    page = build_report(folder).read_text()
+    assert f'<p class="decision">{html.escape(decision_sentence(metrics))}</p>' in page
+    # the run-time card counts the whole run, not only the resumed invocation
+    assert "40.0 s" in page and "this invocation 2.5 s, resumed at epoch 1" in page
+
+
+def test_layers_keep_network_order_through_netcdf(tmp_path):
+    """Twelve-module backbones have sites net.2 ... net.11: stored JSON sorts them as text."""
+    from bmrs_pyro.analysis import to_inference_data
+    from bmrs_pyro.analysis.sources import posteriors
+    from bmrs_pyro.analysis.inference_data import reductions_from_idata, site_table
+    from bmrs_pyro.guides import AutoTruncatedLogNormal
+    from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier
+    from bmrs_pyro.pruner import reduce
+
+    import arviz as az
+
+    layers, width = [torch.nn.Flatten()], 64
+    for w in (5, 4, 3, 6):
+        layers += [torch.nn.Linear(width, w), torch.nn.Tanh(), MultiplicativeNoise(w)]
+        width = w
+    model = NoisyClassifier(torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)))
+    guide = AutoTruncatedLogNormal(model)
+    guide(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
+    order = list(guide.site_names)
+    assert order == ["net.3.theta", "net.6.theta", "net.9.theta", "net.12.theta"]
+    assert sorted(order) != order  # text order would differ
+    path = tmp_path / "idata.nc"
+    to_inference_data(model, guide, num_samples=5, reduction=reduce(model, guide, "bmrs_n")).to_netcdf(str(path))
+    idata = az.from_netcdf(str(path))
+    assert [m["site"] for m in site_table(idata).values()] == order
+    assert list(posteriors(idata)) == order
+    assert list(next(iter(reductions_from_idata(idata).values())).keep) == order
+
+
+def test_density_legends_are_readable():
+    _, guide = mixed_guide()
+    fig = plots.plot_reduction_densities(guide, SITES[0], [0, 5, 11])
+    for ax in visible_axes(fig):
+        assert all(t.get_fontsize() >= 9 for t in ax.get_legend().get_texts())
