@@ -357,6 +357,8 @@ def to_inference_data(
     idata.posterior.attrs.update({"sites": _json({v: m["site"] for v, m in site_meta.items()}),
                                   "seed": int(seed), "num_samples": num_samples})
     idata.constant_data.attrs["sites"] = _json(site_meta)
+    # JSON attributes are written with sorted keys (net.11 before net.2); keep the network order.
+    idata.constant_data.attrs["site_order"] = _json(list(site_meta))
     idata.constant_data.attrs["reductions"] = _json(red_meta)
     if history is not None:
         idata.add_groups({TRAINING_GROUP: _history_dataset(history)})
@@ -382,7 +384,11 @@ def site_table(idata: az.InferenceData) -> dict[str, dict]:
     cd = _require(idata, "constant_data")
     if "sites" not in cd.attrs:
         raise ValueError("constant_data lacks the 'sites' attribute: build it with to_inference_data")
-    return json.loads(cd.attrs["sites"])
+    table = json.loads(cd.attrs["sites"])
+    order = json.loads(cd.attrs["site_order"]) if "site_order" in cd.attrs else []
+    if sorted(order) != sorted(table):  # written before site_order existed: keep what is there
+        return table
+    return {v: table[v] for v in order}
 
 
 def posteriors_from_idata(idata: az.InferenceData) -> dict[str, TruncatedLogNormal]:

@@ -149,15 +149,39 @@ def _delta_f_reductions(reduction: Any, where: str) -> dict[str, Any]:
     return chosen
 
 
-def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Figure:
-    """dF per structure, ranked from most to least prunable, per layer, with the zero line.
+def _symlog_label(value: float, _pos: Any = None) -> str:
+    # Plain numbers where people read them (-1, 0, 1, -10, -100); powers of ten beyond.
+    if value == 0:
+        return "0"
+    if abs(value) < 1e4:
+        return f"{value:g}"
+    exponent = int(round(math.log10(abs(value))))
+    return f"$-10^{{{exponent}}}$" if value < 0 else f"$10^{{{exponent}}}$"
 
-    Structures on the shaded side (dF >= 0) are pruned. The y axis is symmetric-log: dF of
-    clearly needed structures is in the hundreds of nats while the decisions happen near 0.
-    Only BMRS reductions (scores = dF) are drawn.
+
+def _margin_of(result: Any) -> Optional[float]:
+    options = getattr(result, "options", None) or {}
+    margin = options.get("margin")
+    if margin is None or options.get("fraction") is not None:
+        return None
+    try:
+        return float(margin)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Figure:
+    """dF per structure, ranked from most to least prunable, per layer, with the decision line.
+
+    A BMRS rule removes a structure where dF >= -margin (1 nat by default): the shaded side. The
+    tie band [-margin, 0), darker, holds the posteriors close to the prior, which the strict rule
+    dF >= 0 would keep. The y axis is symmetric-log (linear within +-1 nat): dF of clearly needed
+    structures is in the hundreds of nats while the decisions happen near 0. Only reductions
+    whose scores are dF are drawn; the legend counts what each one removed.
     """
     reductions = _delta_f_reductions(reduction, "plot_delta_f")
     sites = list(sites) if sites is not None else _sites(reductions)
+    margins = sorted({m for r in reductions.values() if (m := _margin_of(r)) is not None})
     fig, axes = _figure(len(sites))
     for r, site in enumerate(sites):
         ax = axes[r, 0]
@@ -165,18 +189,28 @@ def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Fi
         for i, (label, result) in enumerate(reductions.items()):
             if site not in result.scores:
                 continue
-            df = np.sort(scores_of(result, site).numpy())[::-1]
+            order = np.argsort(-scores_of(result, site).numpy(), kind="stable")
+            df = scores_of(result, site).numpy()[order]
             finite = df[np.isfinite(df)]
             if finite.size:
                 lo, hi = min(lo, finite.min()), max(hi, finite.max())
-            pruned = int((df >= 0).sum())
+            removed = int((~keep_mask(result, site).bool()).sum()) if site in result.keep else 0
             ax.plot(np.arange(1, df.size + 1), df, marker="o", markersize=2.5, linewidth=1.2,
-                    color=method_colour(i), label=f"{label}: {pruned} of {df.size} pruned")
+                    color=method_colour(i), label=f"{label}: {removed} of {df.size} removed")
         ax.set_yscale("symlog", linthresh=1.0)
-        top = hi * 3 if hi > 0 else 1.0
-        ax.set_ylim(lo * 3 if lo < 0 else -1.0, top)
-        ax.axhspan(0, top, color=PRUNED, alpha=0.10, label=r"pruned side (dF $\geq$ 0)")
-        ax.axhline(0.0, color=OKABE_ITO["black"], linestyle="--", linewidth=1.0, label="dF = 0")
+        top = hi * 3 if hi > 1 else 3.0
+        ax.set_ylim(lo * 3 if lo < -1 else -3.0, top)
+        ax.axhline(0.0, color=OKABE_ITO["black"], linestyle="--", linewidth=0.9, label="dF = 0 (strict rule)")
+        for margin in margins:
+            ax.axhspan(-margin, top, color=PRUNED, alpha=0.08,
+                       label=rf"removed side (dF $\geq$ -{margin:g})" if len(margins) == 1 else None)
+            if margin > 0:
+                ax.axhspan(-margin, 0, facecolor=PRUNED, alpha=0.14, hatch="///", edgecolor=PRUNED, linewidth=0,
+                           label=f"tie band [-{margin:g}, 0)" if margin == margins[0] else None)
+            ax.axhline(-margin, color=PRUNED, linewidth=1.4, label=f"decision: dF = -{margin:g}")
+        if not margins:
+            ax.axhspan(0, top, color=PRUNED, alpha=0.08, label=r"dF $\geq$ 0")
+        ax.yaxis.set_major_formatter(FuncFormatter(_symlog_label))
         ax.set_title(short_site(site), fontsize=10)
         ax.set_xlabel("structure rank (largest dF first)")
         ax.set_ylabel("dF (nats, symlog)")
@@ -188,7 +222,8 @@ def plot_delta_f(reduction: Any, *, sites: Optional[Sequence[str]] = None) -> Fi
 
 # ---------------------------------------------------------------------------- densities
 
-_REDUCED_KEYS = {"bmrs_n": ("reduced_loc", "reduced_scale", "reference_code"), "bmrs_u": ("reduced_low", "reduced_high", "bits")}
+_REDUCED_KEYS = {"bmrs_n": ("reduced_loc", "reduced_scale", "reference_code", "margin"),
+                 "bmrs_u": ("reduced_low", "reduced_high", "bits", "margin")}
 
 
 def _reduced_spec(reduced: Any) -> tuple[str, dict]:
@@ -202,7 +237,7 @@ def _reduced_spec(reduced: Any) -> tuple[str, dict]:
     else:
         raise ValueError(f"reduced must be 'bmrs_n', 'bmrs_u', a dict or a reduction result, got {type(reduced).__name__}")
     method = str(method).lower()
-    kind = "bmrs_u" if method.startswith("bmrs_u") else "bmrs_n" if method.startswith("bmrs_n") else None
+    kind = "bmrs_u" if method.startswith("bmrs_u") else "bmrs_n" if method.startswith("bmrs_n") or method == "none" else None
     if kind is None:
         raise ValueError(f"reduced prior densities exist for bmrs_n and bmrs_u only, got {method!r}")
     return kind, {k: v for k, v in options.items() if k in _REDUCED_KEYS[kind] and v is not None}
@@ -220,8 +255,9 @@ def plot_reduction_densities(
     near point mass at ``reduced_loc`` (default a) for BMRS_N, drawn as an arrow, or flat on
     [a', b'] for BMRS_U (default [a, log 2^-8]). ``reduced`` is ``"bmrs_n"``, ``"bmrs_u"``,
     a dict ``{"method": ..., options}`` or a reduction result (its method and options). The
-    legend gives each structure's dF; the y axis is logarithmic so the flat prior and a narrow
-    posterior show together.
+    legend gives each structure's exact dF and the title the decision under the reduction's
+    margin (1 nat by default; ``reference_code`` is the margin 0.919); the y axis is logarithmic
+    so the flat prior and a narrow posterior show together.
     """
     qs = posteriors(source)
     if site not in qs:
@@ -232,9 +268,17 @@ def plot_reduction_densities(
     if not indices or any(not 0 <= i < size for i in indices):
         raise ValueError(f"indices must be a non-empty list in [0, {size}) for {site!r}, got {indices}")
     kind, opts = _reduced_spec(reduced)
+    from bmrs_pyro.criteria import resolve_margin
+
+    margin = resolve_margin(opts.get("margin"), bool(opts.get("reference_code", False)))
+    keep_given = decided = None
+    if hasattr(reduced, "keep") and site in getattr(reduced, "keep", {}):
+        keep_given = keep_mask(reduced, site)
+        if site in (getattr(reduced, "scores", None) or {}):
+            decided = scores_of(reduced, site)
     cols = min(3, len(indices))
     rows = math.ceil(len(indices) / cols)
-    fig, axes = _figure(rows, cols, width=4.2 * cols, row_height=3.9)
+    fig, axes = _figure(rows, cols, width=4.8 * cols, row_height=4.6)
     for ax in axes.flat[len(indices):]:
         ax.set_visible(False)
     for ax, i in zip(axes.flat, indices):
@@ -256,13 +300,10 @@ def plot_reduction_densities(
             r_loc = float(opts.get("reduced_loc", a))
             r_scale = float(opts.get("reduced_scale", 1e-6))
             df = float(delta_f_log_normal(loc, scale, a, b, r_loc, r_scale))
-            if opts.get("reference_code"):  # the run decided with the authors' dF (+0.919 nats)
-                df += 0.5 * math.log(2.0 * math.pi)
             ax.annotate("", xy=(r_loc, peak * 3), xytext=(r_loc, bottom),
                         arrowprops={"arrowstyle": "-|>", "color": PRUNED, "linewidth": 2.0, "mutation_scale": 14})
             ax.plot([], [], color=PRUNED, linewidth=2.0, marker="^",
-                    label=f"reduced N({r_loc:g}, {r_scale:.0e}$^2$): dF = {df:.2f}"
-                          + (" (reference code)" if opts.get("reference_code") else ""))
+                    label=f"reduced N({r_loc:g}, {r_scale:.0e}$^2$): dF of this posterior {df:.2f}")
         else:
             r_low = float(opts.get("reduced_low", a))
             bits = opts.get("bits")
@@ -270,8 +311,14 @@ def plot_reduction_densities(
             df = float(delta_f_log_uniform(loc, scale, a, b, r_low, r_high))
             r_dens = 1.0 / (r_high - r_low)
             ax.plot([r_low, r_low, r_high, r_high], [bottom, r_dens, r_dens, bottom], color=PRUNED,
-                    linewidth=1.6, linestyle="--", label=f"reduced U({r_low:g}, {r_high:.2f}): dF = {df:.2f}")
-        verdict = "pruned" if df >= 0 else "kept"
+                    linewidth=1.6, linestyle="--", label=f"reduced U({r_low:g}, {r_high:.2f}): dF of this posterior {df:.2f}")
+        # The decision was taken on the posterior of that moment (before any fine-tuning): its dF.
+        at_decision = float(decided[i]) if decided is not None and decided.numel() == size else df
+        if keep_given is not None:
+            verdict = "kept" if bool(keep_given[i]) else "removed"
+        else:
+            verdict = "removed" if at_decision >= -margin else "kept"
+        verdict += f" (dF {at_decision:.2f} {'<' if at_decision < -margin else '>='} -{margin:.3g})"
         ax.set_yscale("log")
         ax.set_ylim(bottom, peak * 12)
         ax.set_xlim(a - pad, b + pad)
@@ -279,7 +326,7 @@ def plot_reduction_densities(
         ax.set_xlabel(r"log $\theta$")
         ax.set_ylabel("density")
         # Below the axes: a legend inside would cover the posterior wherever it sits.
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=9, frameon=False)
     fig.suptitle(f"Prior, posterior and reduced prior ({kind.upper()})")
     return fig
 
@@ -367,37 +414,66 @@ def _history_parts(history: Any) -> tuple[np.ndarray, list]:
     return elbo, list(events or [])
 
 
-def plot_elbo(history: Any) -> Figure:
-    """ELBO per epoch, with continuous-pruning events (``history.events``) as vertical lines.
+def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
+    """ELBO per epoch, with the share of structures kept after each continuous-pruning step.
 
     Accepts a :class:`bmrs_pyro.infer.History`, a dict with ``"elbo"`` (and ``"events"``), a
-    list of floats or inference data with a ``training`` group. When the ELBO spans more than
-    two orders of magnitude the y axis is symmetric-log.
+    list of floats or inference data with a ``training`` group. Reductions (``"prune"`` events)
+    are drawn as a step line of the structures kept (%, right axis) rather than one line each;
+    a resume (``"resume"`` event) and the start of fine-tuning (``"finetune"`` event, or
+    ``train_epochs``) are marked with labelled vertical lines. The y range follows the ELBO
+    after the first epochs (the first ones are far below and would flatten the rest); what it
+    leaves out is said in the title.
     """
     elbo, events = _history_parts(history)
-    fig, axes = _figure(1, row_height=3.4)
+    fig, axes = _figure(1, row_height=3.6)
     ax = axes[0, 0]
     epochs = np.arange(1, elbo.size + 1)
-    ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5, label="ELBO")
-    prunes = [e for e in events if isinstance(e, Mapping) and e.get("event", "prune") == "prune" and "epoch" in e]
-    shown, labelled = 0.0, 0
-    for j, event in enumerate(prunes):
-        removed = event.get("fraction_removed")
-        ax.axvline(int(event["epoch"]) + 1, color=PRUNED, linestyle=":", linewidth=1.2,
-                   label=None if j else f"pruning ({event.get('method', 'reduce')})")
-        # Label only changes, so pruning every epoch does not print a wall of equal numbers.
-        if removed is not None and round(100 * float(removed)) != round(100 * shown):
-            shown, labelled = float(removed), labelled + 1
-            ax.annotate(f"{100 * float(removed):.0f}%", (int(event["epoch"]) + 1, 0.97), xycoords=("data", "axes fraction"),
-                        fontsize=7, color=PRUNED, ha="center", va="top",
-                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
+    ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5,
+            label="ELBO")
+    title = "Training ELBO per epoch"
     finite = elbo[np.isfinite(elbo)]
-    if finite.size and np.abs(finite).max() > 100 * max(np.abs(finite).min(), 1e-12):
-        ax.set_yscale("symlog", linthresh=max(np.abs(finite).min(), 1e-12))
+    if finite.size >= 5:
+        skip = max(1, elbo.size // 10)
+        tail = elbo[skip:][np.isfinite(elbo[skip:])]
+        low, high = float(tail.min()), float(tail.max())
+        span = max(high - low, 1e-9)
+        bottom = low - 0.08 * span
+        ax.set_ylim(bottom, high + 0.08 * span)
+        hidden = int((elbo < bottom).sum())
+        if hidden:
+            title += f" ({hidden} early epoch{'s' if hidden > 1 else ''} below the range, from {finite.min():.4g})"
+    marks = [e for e in events if isinstance(e, Mapping) and "epoch" in e]
+    prunes = [e for e in marks if e.get("event", "prune") == "prune" and e.get("fraction_removed") is not None]
+    handles, labels = ax.get_legend_handles_labels()
+    if prunes:
+        twin = ax.twinx()
+        xs = [0.5] + [int(e["epoch"]) + 1 for e in prunes] + [elbo.size + 0.5]
+        kept = [100.0] + [100.0 * (1.0 - float(e["fraction_removed"])) for e in prunes]
+        kept.append(kept[-1])
+        twin.step(xs, kept, where="post", color=PRUNED, linewidth=1.4)
+        twin.plot(xs[1:-1], kept[1:-1], linestyle="none", marker="v", markersize=4, color=PRUNED,
+                  label=f"structures kept after each reduction ({prunes[0].get('method', 'reduce')})")
+        twin.set_ylim(0, 105)
+        twin.set_ylabel("structures kept (%)", color=PRUNED)
+        twin.set_xlabel("epoch")  # shared with the ELBO axis; twinx does not draw it twice
+        twin.tick_params(axis="y", colors=PRUNED)
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    finetune_at = next((int(e["epoch"]) for e in marks if e.get("event") == "finetune"), train_epochs)
+    for at, text, style in ([(int(e["epoch"]), "resumed", ":") for e in marks if e.get("event") == "resume"]
+                            + ([(finetune_at, "fine-tuning (masks frozen)", "--")]
+                               if finetune_at is not None and 0 < finetune_at < elbo.size else [])):
+        line = ax.axvline(at + 0.5, color=NEUTRAL, linestyle=style, linewidth=1.2)
+        ax.annotate(text, (at + 0.5, 0.97), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
+                    color=OKABE_ITO["black"], ha="right", va="top")
+        if text not in labels:
+            handles, labels = handles + [line], labels + [text]
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats)")
-    ax.set_title("Training ELBO per epoch" + (" (% = structures removed)" if labelled else ""), fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0.5, elbo.size + 0.5)
+    fig.suptitle(title, fontsize=10)
+    ax.legend(handles, labels, loc="lower right", fontsize=8, framealpha=0.9)
     ax.grid(alpha=0.3)
     return fig
 

@@ -43,15 +43,20 @@ CAPTIONS: dict[str, str] = {
         "sorted by median and coloured by the decision."
     ),
     "delta_f": (
-        "Change in log evidence dF of reducing each structure's prior, ranked per layer. Structures "
-        "with dF >= 0 (shaded side) are removed; no threshold is tuned."
+        "Change in log evidence dF of reducing each structure's prior, ranked per layer. A BMRS rule "
+        "removes the structures with dF >= -margin (shaded side; the solid line is the decision). The "
+        "hatched tie band [-margin, 0) holds posteriors close to the prior: the data give less than the "
+        "margin of evidence for keeping them. The margin (1 nat unless the run says otherwise) is a "
+        "constant of the evidence scale, never tuned."
     ),
     "reduction_densities": (
         "Prior, posterior and reduced prior of log theta for the structures with the lowest dF, the dF "
         "closest to 0 and the highest dF (titles give the decision; legends give dF)."
     ),
     "e_theta_histograms": "Posterior means E[theta] of all structures before pruning and of the kept ones after.",
-    "elbo": "Evidence lower bound per training epoch; dotted lines mark continuous-pruning steps.",
+    "elbo": ("Evidence lower bound per training epoch; the step line (right axis) is the share of "
+             "structures kept after each continuous-pruning step; vertical lines mark a resume and the "
+             "start of fine-tuning."),
     "accuracy_compression": "Accuracy against structures removed for each method; stars mark where BMRS stops.",
 }
 
@@ -72,6 +77,16 @@ def _decisions(idata) -> dict[str, Any]:
     return reductions
 
 
+def _in_order(result: Any, order: list) -> Any:
+    """``result`` with its sites in network ``order`` (the metrics' layer table), others after."""
+    if not order or not isinstance(result, SavedReduction):
+        return result
+    rank = {site: i for i, site in enumerate(order)}
+    sites = sorted(result.keep, key=lambda s: rank.get(s, len(rank)))
+    return SavedReduction(result.method, {s: result.scores[s] for s in sites if s in result.scores},
+                          {s: result.keep[s] for s in sites}, dict(result.options))
+
+
 def _density_choice(reductions: Mapping[str, Any]) -> Optional[tuple[str, str, list[int]]]:
     """(label, site, indices): the structures with the lowest dF, the dF nearest 0 and the highest dF."""
     for label, result in reductions.items():
@@ -83,7 +98,8 @@ def _density_choice(reductions: Mapping[str, Any]) -> Optional[tuple[str, str, l
             finite = np.flatnonzero(np.isfinite(df))
             if finite.size == 0:
                 continue
-            pruned = int((df[finite] >= 0).sum())
+            keep = result.keep.get(site) if site in result.keep else None
+            pruned = int((~np.asarray(keep, dtype=bool)[finite]).sum()) if keep is not None else int((df[finite] >= 0).sum())
             # Prefer the layer where both decisions occur, so the figure shows the contrast.
             rank = (0 < pruned < finite.size, finite.size)
             if best is None or rank > best[0]:
@@ -118,6 +134,8 @@ def render_figures(
     figures: dict[str, Figure] = {}
     metrics = metrics or {}
     reductions = _decisions(idata) if idata is not None else {}
+    order = [row["site"] for row in metrics.get("layers", []) if isinstance(row, Mapping) and "site" in row]
+    reductions = {label: _in_order(r, order) for label, r in reductions.items()}
     if reductions:
         figures["kept_width"] = plots.plot_kept_width(reductions)
     elif metrics.get("layers"):
@@ -137,7 +155,8 @@ def render_figures(
     if history is None and metrics.get("elbo"):
         history = {"elbo": metrics["elbo"], "events": []}
     if history is not None and history["elbo"]:
-        figures["elbo"] = plots.plot_elbo(history)
+        epochs = metrics.get("epochs") if isinstance(metrics.get("epochs"), Mapping) else {}
+        figures["elbo"] = plots.plot_elbo(history, train_epochs=epochs.get("train"))
     if curves:
         figures["accuracy_compression"] = plots.plot_accuracy_compression(curves)
     return {name: figures[name] for name in CAPTIONS if name in figures}
@@ -182,6 +201,7 @@ figure img{display:block;max-width:100%;height:auto;margin:0 auto}
 figcaption{font-size:.88rem;color:#3d4452;margin-top:8px}
 .bar{display:inline-block;height:10px;background:#0072B2;border-radius:2px;vertical-align:middle}
 .bar.t{background:#d9dde3;position:relative}
+.decision{background:#fff;border-left:4px solid #D55E00;padding:10px 14px;margin:16px 0 0}
 code{font-size:.85rem}footer{margin-top:36px;font-size:.8rem;color:#7a8190}
 """
 
@@ -253,8 +273,43 @@ def _cards(metrics: Mapping[str, Any]) -> str:
                 detail = f"{format_value(part.get('before'))} -> {format_value(part.get('after'))}"
             cards.append(_card(title, f"{float(part['removed_pct']):.2f} %", detail))
     if "seconds" in metrics:
-        cards.append(_card("run time", f"{float(metrics['seconds']):.1f} s"))
+        total = metrics.get("seconds_total", metrics["seconds"])
+        resumed = (metrics.get("epochs") or {}).get("resumed_from") if isinstance(metrics.get("epochs"), Mapping) else None
+        detail = (f"this invocation {float(metrics['seconds']):.1f} s, resumed at epoch {resumed}"
+                  if resumed is not None else "")
+        cards.append(_card("run time", f"{float(total):.1f} s", detail))
     return f'<div class="cards">{"".join(cards)}</div>' if cards else ""
+
+
+def decision_sentence(metrics: Mapping[str, Any]) -> str:
+    """One sentence: what the run removed and why (and, when nothing was removed, why not)."""
+    decision = metrics.get("decision") if isinstance(metrics.get("decision"), Mapping) else {}
+    structures = metrics.get("structures") if isinstance(metrics.get("structures"), Mapping) else {}
+    method = decision.get("method", metrics.get("method", "the method"))
+    rule = decision.get("rule") or ""
+    total, kept = structures.get("total"), structures.get("kept")
+    if total is None or kept is None:
+        return ""
+    removed = int(total) - int(kept)
+    band = decision.get("tie_band") if isinstance(decision.get("tie_band"), Mapping) else None
+    margin = decision.get("margin")
+    if method == "none":
+        return (f"Nothing was removed: this run is the unpruned baseline (--method none); the dF shown is "
+                f"BMRS_N's, for reference.")
+    if removed == 0:
+        if margin is not None:
+            return (f"{method} removed nothing: every structure has dF < -{float(margin):g}, i.e. the data give "
+                    f"at least {float(margin):g} nat{'s' if float(margin) != 1 else ''} of evidence for keeping "
+                    f"each one (rule: {rule}).")
+        return f"{method} removed nothing (rule: {rule})." if rule else f"{method} removed nothing."
+    text = f"{method} removed {removed} of {total} structures ({100.0 * removed / int(total):.1f} %)"
+    if rule:
+        text += f" by the rule: {rule}"
+    if band and band.get("count") and margin is not None and float(margin) > 0:
+        text += (f". {band['removed']} of them lie in the tie band [-{float(margin):g}, 0): posteriors close to "
+                 f"the prior, for which the data give less than {float(margin):g} nat"
+                 f"{'s' if float(margin) != 1 else ''} of evidence")
+    return text + "."
 
 
 def _layer_rows(metrics: Mapping[str, Any], idata: Any) -> list[dict]:
@@ -310,6 +365,7 @@ def render_html(
         f"Method: <code>{_esc(config.get('method', 'n/a'))}</code>; model: "
         f"<code>{_esc(config.get('model', 'n/a'))}</code>; data: <code>{_esc(config.get('data', config.get('dataset', 'n/a')))}</code>.</p>",
         _cards(metrics),
+        (f'<p class="decision">{_esc(decision_sentence(metrics))}</p>' if decision_sentence(metrics) else ""),
         "<h2>Layers</h2>", _layer_table(layers),
         "<h2>Figures</h2>",
     ]

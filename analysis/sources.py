@@ -22,13 +22,15 @@ import torch
 from bmrs_pyro.distributions import TruncatedLogNormal
 from bmrs_pyro.guides import find_noise_guide
 
-#: Methods whose ``scores`` are the change in log evidence dF (prune where dF >= 0).
+#: Methods whose ``scores`` are the change in log evidence dF (prune where dF >= -margin).
 DELTA_F_PREFIX = "bmrs"
 
 
 def is_delta_f_method(method: str) -> bool:
-    """True when a method's scores are dF (BMRS_N, BMRS_U and their variants)."""
-    return str(method).lower().startswith(DELTA_F_PREFIX)
+    """True when a method's scores are dF (BMRS_N, BMRS_U and their variants, and ``none``, which
+    removes nothing but keeps BMRS_N's dF to look at)."""
+    method = str(method).lower()
+    return method.startswith(DELTA_F_PREFIX) or method == "none"
 
 
 @dataclass

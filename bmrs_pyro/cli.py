@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
+from .infer import DEFAULT_PRUNE_WARMUP
 from .runs import DEFAULT_PRUNE_EVERY, RunConfig, parse_hidden
 from . import compare as _compare
 
@@ -119,6 +120,8 @@ examples:
   bmrs run                                  digits, MLP 100-100 tanh, BMRS_N, continuous pruning
   bmrs run --model lenet5 --epochs 50       LeNet-5 on digits
   bmrs run --method bmrs_u --bits 4         BMRS_U with a 4-bit reduced prior
+  bmrs run --method none                    the same training, nothing removed (the baseline)
+  bmrs run --margin 0                       the strict rule: prune only where dF >= 0
   bmrs run --method l2 --fraction 0.5       remove the 50 % lowest-L2 structures after training
   bmrs run --data mnist --root ~/data --model lenet5 --device cuda
   bmrs run --resume runs/digits-mlp-bmrs_n-20250101-120000 --epochs 400
@@ -149,17 +152,26 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
 
     g = p.add_argument_group("pruning")
     g.add_argument("--method", choices=list(CRITERIA), default=default(d.method),
-                   help="pruning criterion; bmrs_n, bmrs_u and snr decide by themselves, the others need --fraction")
+                   help="pruning criterion; bmrs_n, bmrs_u and snr decide by themselves, the others need --fraction; "
+                        "none trains the same network and removes nothing (the baseline to compare with)")
     g.add_argument("--fraction", type=_fraction, default=default(d.fraction),
                    help="remove this share of structures, lowest-ranked first (post-training)")
     g.add_argument("--bits", type=_nonneg_int, default=default(d.bits),
                    help="bmrs_u: the reduced prior is log-uniform up to 2^-bits")
+    g.add_argument("--margin", type=_nonneg_float, default=default(d.margin),
+                   help="bmrs_n/bmrs_u: keep a structure only when the log evidence for it, -dF, is at least this "
+                        "many nats (prune where dF >= -margin). None: 1, the 'positive evidence' boundary of Kass & "
+                        "Raftery (1995); 0 is the strict rule dF >= 0. A constant of the evidence scale: not for tuning")
     g.add_argument("--reference-code", action="store_true", default=default(False),
-                   help="bmrs_n: use the authors' public-code dF (0.919 nats higher: it lacks -0.5 log 2pi); "
-                        "reproduces their pruning of near-prior structures, not the exact evidence")
+                   help="bmrs_n: decide as the authors' public code does (its dF lacks -0.5 log 2pi, so it prunes "
+                        "where the exact dF >= -0.919): the margin 0.919; the reported dF stays exact")
     g.add_argument("--prune-every", type=_nonneg_int, default=default(d.prune_every),
                    help=f"epochs between continuous-pruning steps; 0 = prune once after training. "
                         f"None: {DEFAULT_PRUNE_EVERY} for bmrs_n/bmrs_u/snr, 0 with --fraction")
+    g.add_argument("--prune-start", type=_positive_int, default=default(d.prune_start),
+                   help=f"continuous pruning: the epoch after which the first reduction happens (a warm-up, so that "
+                        f"no structure is judged before the data have moved its posterior). None: "
+                        f"{int(DEFAULT_PRUNE_WARMUP * 100)} %% of --epochs")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=default(d.epochs), help="training epochs")

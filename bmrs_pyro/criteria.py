@@ -1,9 +1,9 @@
 """Importance criteria for structured pruning, kept apart from the pruner that applies them.
 
 A :class:`Criterion` scores every structure of one noise layer. It either carries its own
-decision ``rule`` (BMRS_N, BMRS_U: prune where dF >= 0; SNR: prune where SNR < 1) or only ranks
-structures, and then :func:`bmrs_pyro.pruner.reduce` removes a requested fraction of the
-lowest-ranked ones. Criteria live in the registry :data:`CRITERIA`; add one with
+decision ``rule`` (BMRS_N, BMRS_U: prune where dF >= -margin, margin = 1 nat by default; SNR:
+prune where SNR < 1) or only ranks structures, and then :func:`bmrs_pyro.pruner.reduce` removes a
+requested fraction of the lowest-ranked ones. Criteria live in the registry :data:`CRITERIA`; add one with
 :func:`register_criterion`::
 
     def my_score(model, guide, site, layer, *, data=None, power=2.0):
@@ -48,8 +48,9 @@ class Criterion:
         name: registry key (``reduce(model, guide, name)``).
         score: ``score(model, guide, site, layer, *, data=None, **options) -> Tensor (S,)``; its
             docstring says what it computes and cites the source.
-        rule: ``rule(scores) -> BoolTensor (S,)`` of structures to **keep**, for criteria that
-            decide by themselves; ``None`` for ranking-only criteria, which need a ``fraction``.
+        rule: ``rule(scores, **rule_options) -> BoolTensor (S,)`` of structures to **keep**, for
+            criteria that decide by themselves; ``None`` for ranking-only criteria, which need a
+            ``fraction``.
         higher_is_important: ranking direction. True when a larger score means a more important
             structure (SNR, E[theta], L2, activation); False for BMRS, whose score is dF and a
             larger dF means "more prunable".
@@ -58,6 +59,12 @@ class Criterion:
         options: accepted keyword options of ``score`` and their defaults; anything else is an error.
         label: short name of the score for tables (``"dF"``, ``"SNR"``).
         needs_data: the score needs ``data`` (e.g. activations).
+        rule_options: options of the decision (not of the score) and their defaults, e.g. the
+            evidence ``margin`` of the BMRS rules; passed to ``rule``, never to ``score``.
+        prepare: ``prepare(options) -> options``: checks the merged options and fills in the
+            defaults that depend on other options (BMRS: the margin implied by ``reference_code``).
+        describe: ``describe(options) -> str``: the rule in words, for tables and reports.
+        rankable: False for a criterion that must not be used with ``fraction`` (``none``).
     """
 
     name: str
@@ -68,6 +75,10 @@ class Criterion:
     options: Mapping[str, Any] = field(default_factory=dict)
     label: str = "score"
     needs_data: bool = False
+    rule_options: Mapping[str, Any] = field(default_factory=dict)
+    prepare: Optional[Callable[[dict], dict]] = None
+    describe: Optional[Callable[[dict], str]] = None
+    rankable: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -94,16 +105,35 @@ class Criterion:
         return scores if self.higher_is_important else -scores
 
     def check_options(self, options: Mapping[str, Any]) -> dict:
-        """The criterion's defaults updated by ``options``; unknown names raise ValueError."""
-        unknown = sorted(set(options) - set(self.options))
+        """The criterion's defaults (score and rule options) updated by ``options``, checked and
+        completed by ``prepare``; unknown names raise ValueError."""
+        known = set(self.options) | set(self.rule_options)
+        unknown = sorted(set(options) - known)
         if unknown:
-            accepted = ", ".join(sorted(self.options)) or "none"
+            accepted = ", ".join(sorted(known)) or "none"
             raise ValueError(
                 f"criterion {self.name!r} got unknown option(s) {unknown}; accepted options: {accepted}"
             )
         merged = dict(self.options)
+        merged.update(self.rule_options)
         merged.update(options)
-        return merged
+        return self.prepare(merged) if self.prepare is not None else merged
+
+    def score_options(self, options: Mapping[str, Any]) -> dict:
+        """The part of checked ``options`` that the score function takes."""
+        return {k: v for k, v in options.items() if k in self.options}
+
+    def decide(self, scores: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+        """The rule's keep mask for ``scores`` under checked ``options`` (rule options only)."""
+        if self.rule is None:
+            raise ValueError(f"criterion {self.name!r} has no rule of its own; pass a fraction")
+        return self.rule(scores, **{k: options[k] for k in self.rule_options}).bool()
+
+    def rule_text(self, options: Mapping[str, Any]) -> str:
+        """The decision rule in words (``"prune where dF >= -1 nat"``), or ``""`` without a rule."""
+        if self.describe is not None:
+            return self.describe(dict(options))
+        return "" if self.rule is None else f"{self.name}'s own rule"
 
 
 #: The registry of criteria, by name.
@@ -137,27 +167,55 @@ def _loc_scale(guide, site: str) -> tuple[torch.Tensor, torch.Tensor]:
     return loc.detach(), scale.detach()
 
 
+#: How much the BMRS authors' public code overstates dF_N: it omits -0.5 log(2 pi). Their rule
+#: "prune where their dF >= 0" is therefore "prune where the exact dF >= -0.919".
 REFERENCE_CODE_OFFSET = 0.5 * math.log(2.0 * math.pi)
 
+#: The default evidence margin of the BMRS rules, in nats: keep a structure only when the log
+#: evidence for keeping it, -dF, is at least this. 1 nat is the boundary of "positive" evidence
+#: on Kass & Raftery's scale (J. Am. Stat. Assoc. 90, 1995: 2 ln B >= 2); below it the evidence is
+#: "not worth more than a bare mention" and the smaller network wins. A constant of the evidence
+#: scale, never tuned per task.
+DEFAULT_MARGIN = 1.0
 
-def bmrs_n_score(model, guide, site, layer, *, data=None, reduced_loc=None, reduced_scale=1e-6,
-                 reference_code: bool = False) -> torch.Tensor:
+
+def resolve_margin(margin: Optional[float] = None, reference_code: bool = False) -> float:
+    """The evidence margin a BMRS decision uses (nats): ``margin``, or its default.
+
+    ``margin=None`` means :data:`DEFAULT_MARGIN` (1 nat), or ``0.5 log(2 pi)`` with
+    ``reference_code=True`` (the decisions of the authors' public code). ``margin=0`` is the
+    strict Bayes-factor rule ``dF >= 0``. Raises ValueError for a negative or non-finite margin,
+    and for ``reference_code=True`` together with a different explicit margin.
+    """
+    if not isinstance(reference_code, bool):
+        raise ValueError(f"reference_code must be True or False, got {reference_code!r}")
+    if margin is None:
+        return REFERENCE_CODE_OFFSET if reference_code else DEFAULT_MARGIN
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(
+            f"margin must be a finite number of nats >= 0 (1 = Kass & Raftery's 'positive evidence', "
+            f"0 = the strict rule dF >= 0), got {margin!r}"
+        )
+    if reference_code and abs(float(margin) - REFERENCE_CODE_OFFSET) > 1e-12:
+        raise ValueError(
+            f"reference_code=True is the margin 0.5 log(2 pi) = {REFERENCE_CODE_OFFSET:.6f}; "
+            f"it cannot be combined with margin={margin!r} (pass one or the other)"
+        )
+    return float(margin)
+
+
+def bmrs_n_score(model, guide, site, layer, *, data=None, reduced_loc=None, reduced_scale=1e-6) -> torch.Tensor:
     """BMRS_N: dF of swapping the log-uniform prior for TruncatedNormal(reduced_loc, reduced_scale^2).
 
     Wright, Igel & Selvan, "BMRS: Bayesian Model Reduction for Structured Pruning", NeurIPS 2024.
     ``reduced_loc`` defaults to the layer's ``low`` (a near point mass at theta = e^low), and
     ``reduced_scale`` to 1e-6 as in the paper. Exact closed form
-    (:func:`bmrs_pyro.reduction.delta_f_log_normal`, float64). Rule: prune where dF >= 0.
-
-    ``reference_code=True`` reproduces the authors' public code, whose dF lacks the
-    -0.5 log(2 pi) term and so is 0.919 nats higher. It is not the evidence; it exists to
-    reproduce their results. It matters in practice: a structure the data say nothing about
-    ends with a posterior near the prior and an exact dF just below 0 (kept), while the
-    reference code's dF for it is positive (pruned).
+    (:func:`bmrs_pyro.reduction.delta_f_log_normal`, float64). Rule: prune where
+    dF >= -margin (see :func:`resolve_margin`; ``reference_code=True`` reproduces the authors'
+    public code, whose dF lacks the -0.5 log(2 pi) term, as the margin 0.919).
     """
     loc, scale = _loc_scale(guide, site)
-    df = delta_f_log_normal(loc, scale, layer.low, layer.high, reduced_loc=reduced_loc, reduced_scale=reduced_scale)
-    return df + REFERENCE_CODE_OFFSET if reference_code else df
+    return delta_f_log_normal(loc, scale, layer.low, layer.high, reduced_loc=reduced_loc, reduced_scale=reduced_scale)
 
 
 def bmrs_u_score(model, guide, site, layer, *, data=None, bits=8, reduced_low=None) -> torch.Tensor:
@@ -167,8 +225,8 @@ def bmrs_u_score(model, guide, site, layer, *, data=None, bits=8, reduced_low=No
     defaults to the layer's ``low``; the authors' code uses ``log 2^-23`` (pass
     ``reduced_low=bits_to_log_bound(23)``), with which a posterior sitting at ``low`` has dF = -inf
     and is never pruned. Exact closed form (:func:`bmrs_pyro.reduction.delta_f_log_uniform`).
-    Rule: prune where dF >= 0, i.e. where the posterior puts at least as much mass below
-    ``log 2^-bits`` as the prior does.
+    Rule: prune where dF >= -margin (1 nat by default); with ``margin=0`` that is where the
+    posterior puts at least as much mass below ``log 2^-bits`` as the prior does.
     """
     loc, scale = _loc_scale(guide, site)
     low = layer.low if reduced_low is None else float(reduced_low)
@@ -196,12 +254,41 @@ def e_theta_score(model, guide, site, layer, *, data=None) -> torch.Tensor:
     return guide.posterior(site).mean.detach().to(torch.float64)
 
 
-def _bmrs_keep(scores: torch.Tensor) -> torch.Tensor:
-    return ~(scores >= 0)
+def _bmrs_keep(scores: torch.Tensor, *, margin: float = DEFAULT_MARGIN, reference_code: bool = False) -> torch.Tensor:
+    # prepare() has resolved the margin (reference_code included), so only dF >= -margin counts here.
+    return ~(scores >= -float(margin))
+
+
+def _bmrs_prepare(options: dict) -> dict:
+    options = dict(options)
+    options["margin"] = resolve_margin(options.get("margin"), options.get("reference_code", False))
+    if "bits" in options:
+        bits = options["bits"]
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not (0 < bits < math.inf):
+            raise ValueError(f"bits must be a positive number (the reduced prior ends at log 2^-bits), got {bits!r}")
+    return options
+
+
+def _nats(x: float) -> str:
+    return f"{x:g} nat" if x == 1 else f"{x:g} nats"
+
+
+def _bmrs_describe(options: dict) -> str:
+    margin = float(options["margin"])
+    if options.get("reference_code"):
+        return (f"prune where dF >= -{margin:.3f} nats (the authors' public code: their dF lacks "
+                f"-0.5 log 2pi and they prune where it is >= 0)")
+    if margin == 0:
+        return "prune where dF >= 0 (strict Bayes-factor rule, margin 0)"
+    return f"prune where dF >= -{_nats(margin)} (keep a structure only with at least {_nats(margin)} of evidence for it)"
 
 
 def _snr_keep(scores: torch.Tensor) -> torch.Tensor:
     return scores >= 1
+
+
+def _keep_all(scores: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(scores, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------- the network around a noise layer
@@ -448,11 +535,19 @@ def activation_score(model, guide, site, layer, *, data=None, batch_size=1024) -
 
 
 register_criterion(Criterion("bmrs_n", bmrs_n_score, _bmrs_keep, higher_is_important=False,
-                             options={"reduced_loc": None, "reduced_scale": 1e-6, "reference_code": False},
-                             label="dF"))
+                             options={"reduced_loc": None, "reduced_scale": 1e-6},
+                             rule_options={"margin": None, "reference_code": False},
+                             prepare=_bmrs_prepare, describe=_bmrs_describe, label="dF"))
 register_criterion(Criterion("bmrs_u", bmrs_u_score, _bmrs_keep, higher_is_important=False,
-                             options={"bits": 8, "reduced_low": None}, label="dF"))
-register_criterion(Criterion("snr", snr_score, _snr_keep, label="SNR"))
+                             options={"bits": 8, "reduced_low": None}, rule_options={"margin": None},
+                             prepare=_bmrs_prepare, describe=_bmrs_describe, label="dF"))
+# "none": the same training and the same exact dF (BMRS_N) to look at, nothing removed; the
+# baseline a pruned run is compared with.
+register_criterion(Criterion("none", bmrs_n_score, _keep_all, higher_is_important=False,
+                             describe=lambda options: "keep every structure (no pruning; dF is BMRS_N's, for reference)",
+                             label="dF", rankable=False))
+register_criterion(Criterion("snr", snr_score, _snr_keep, describe=lambda options: "prune where SNR < 1",
+                             label="SNR"))
 register_criterion(Criterion("e_theta", e_theta_score, label="E[theta]"))
 register_criterion(Criterion("l2", l2_score, default_scope="layer", label="L2"))
 register_criterion(Criterion("activation", activation_score, default_scope="layer",
@@ -461,6 +556,8 @@ register_criterion(Criterion("activation", activation_score, default_scope="laye
 __all__ = [
     "CRITERIA",
     "Criterion",
+    "DEFAULT_MARGIN",
+    "REFERENCE_CODE_OFFSET",
     "StructureLinks",
     "activation_score",
     "bmrs_n_score",
@@ -470,6 +567,7 @@ __all__ = [
     "get_criterion",
     "l2_score",
     "register_criterion",
+    "resolve_margin",
     "snr_score",
     "structure_map",
 ]

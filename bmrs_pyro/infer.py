@@ -22,6 +22,11 @@ from .rng import capture_rng, restore_rng
 
 Data = Union[tuple, DataLoader]
 
+#: Share of the epochs of a ``fit`` call with continuous pruning that pass before the first
+#: reduction: posteriors start wherever they were initialised (near the prior, possibly) and BMR
+#: can only tell needed from unneeded structures once the data have moved them.
+DEFAULT_PRUNE_WARMUP = 0.25
+
 
 class TrainingDivergedError(ValueError):
     """Raised when the loss or a parameter becomes NaN or infinite during training."""
@@ -207,6 +212,7 @@ def fit(
     prune_every: Optional[int] = None,
     prune_method: str = "bmrs_n",
     prune_options: Optional[dict] = None,
+    prune_start: Optional[int] = None,
     progress: bool = True,
     start_epoch: int = 0,
     optimizer: Optional[torch.optim.Optimizer] = None,
@@ -236,7 +242,17 @@ def fit(
             Monte Carlo KL).
         prune_every: if set, apply :func:`bmrs_pyro.reduce` with ``prune_method`` every
             ``prune_every`` epochs (continuous pruning); pruned structures stop contributing to
-            the likelihood and the KL and their variational parameters stay fixed.
+            the likelihood and the KL and their variational parameters stay fixed. Every
+            reduction keeps at least one structure per layer unless ``prune_options`` says
+            ``min_keep=0``.
+        prune_options: keyword options of the reduction (``margin``, ``bits``, ``min_keep``, ...),
+            and ``joint_check`` (default True): hold each BMRS reduction to its margin jointly on
+            the training data (:func:`bmrs_pyro.pruner.check_jointly`), so that structures that
+            are each a near-tie but together carry the fit are not removed all at once.
+        prune_start: the epoch (counted from the start of training, like ``start_epoch``) after
+            which the first reduction happens, then every ``prune_every`` epochs. Default:
+            ``start_epoch + ceil(DEFAULT_PRUNE_WARMUP * epochs)``, a warm-up of a quarter of the
+            epochs, so that no decision is taken before the data have informed the posteriors.
         callbacks: each is called as ``callback(epoch, history, model, guide)`` after every
             epoch; returning ``True`` stops training.
         start_epoch, optimizer, history: to resume an interrupted run.
@@ -264,6 +280,11 @@ def fit(
         raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
     if prune_every is not None:
         _check_positive("prune_every", prune_every, int)
+        if prune_start is None:
+            prune_start = start_epoch + math.ceil(DEFAULT_PRUNE_WARMUP * epochs)
+        if isinstance(prune_start, bool) or not isinstance(prune_start, int) or prune_start < 1:
+            raise ValueError(f"prune_start must be an epoch number >= 1, got {prune_start!r}")
+        _check_prune_options(prune_method, prune_options or {})
     train_data = _as_tensors(train_data, "train_data")
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -322,8 +343,8 @@ def fit(
             history.elbo.append(sum(epoch_elbo) / max(len(epoch_elbo), 1))
             history.seconds.append(time.perf_counter() - t0)
             bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
-            if prune_every is not None and (epoch + 1 - start_epoch) % prune_every == 0:
-                frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history)
+            if prune_every is not None and _prune_due(epoch + 1, prune_start, prune_every):
+                frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history, train_data)
             history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
             stop = False
             for callback in callbacks:
@@ -346,14 +367,42 @@ def _rng_untouched(active: bool):
     return torch.random.fork_rng(devices=devices)
 
 
-def _prune(model, guide, method: str, options: dict, epoch: int, history: History) -> dict:
-    from .pruner import reduce  # late import: the reduction builds on this module
+#: Keyword arguments of a continuous-pruning step that are not the criterion's own options.
+_REDUCE_ARGUMENTS = ("fraction", "scope", "respect_mask", "min_keep", "joint_check")
 
+
+def _check_prune_options(method: str, options: dict) -> None:
+    """Refuse an unknown method or option before the first step, not at the first reduction."""
+    from .criteria import get_criterion
+
+    criterion = get_criterion(method)
+    criterion.check_options({k: v for k, v in options.items() if k not in _REDUCE_ARGUMENTS})
+    if not criterion.has_rule and options.get("fraction") is None:
+        raise ValueError(f"continuous pruning with {method!r} needs prune_options={{'fraction': ...}}: "
+                         "it ranks structures but has no threshold of its own")
+
+
+def _prune_due(done: int, prune_start: int, prune_every: int) -> bool:
+    """Whether a reduction follows the ``done``-th epoch: at prune_start, then every prune_every."""
+    return done >= prune_start and (done - prune_start) % prune_every == 0
+
+
+def _prune(model, guide, method: str, options: dict, epoch: int, history: History, data) -> dict:
+    from .pruner import check_jointly, reduce  # late import: the reduction builds on this module
+
+    options = dict(options)
+    options.setdefault("min_keep", 1)  # continuous pruning never empties a layer unless asked to
+    joint = options.pop("joint_check", True)
     result = reduce(model, guide, method, **options)
+    if joint:
+        result = check_jointly(result, model, guide, data)
     result.apply()
-    history.events.append({"epoch": epoch, "event": "prune", "method": method,
-                           "kept": {k: int(v.sum()) for k, v in result.keep.items()},
-                           "fraction_removed": result.fraction_removed})
+    event = {"epoch": epoch, "event": "prune", "method": method,
+             "kept": {k: int(v.sum()) for k, v in result.keep.items()},
+             "fraction_removed": result.fraction_removed}
+    if "joint_check" in result.options:
+        event["joint_check"] = dict(result.options["joint_check"])
+    history.events.append(event)
     return _freeze_masked(model, guide)
 
 

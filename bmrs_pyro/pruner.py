@@ -1,6 +1,7 @@
 """Apply a pruning criterion to every noise layer of a model: :func:`reduce`.
 
-Threshold-free methods (``bmrs_n``, ``bmrs_u``, ``snr``) decide by their own rule; ranking
+Threshold-free methods (``bmrs_n``, ``bmrs_u``: prune where dF >= -margin, 1 nat by default;
+``snr``: prune where SNR < 1) decide by their own rule; ranking
 criteria (``e_theta``, ``l2``, ``activation``) remove a requested ``fraction`` of the lowest-ranked
 structures. A rule-based method given a ``fraction`` ranks by its score instead (BMRS by -dF), so
 that every method can be swept into an accuracy-vs-compression curve. See
@@ -34,6 +35,8 @@ class ReductionResult:
         keep: per site, a bool tensor, True for structures that stay.
         kept_per_layer: per site, ``(kept, total)``.
         fraction_removed: structures removed over all structures of all layers.
+        label: the score's short name (``"dF"``, ``"SNR"``).
+        rule: the decision in words (``"prune where dF >= -1 nats ..."``, or the ranked fraction).
     """
 
     method: str
@@ -44,6 +47,28 @@ class ReductionResult:
     fraction_removed: float
     label: str = "score"
     layers: dict = field(default_factory=dict, repr=False)
+    rule: str = ""
+
+    @property
+    def margin(self) -> Optional[float]:
+        """The evidence margin (nats) of a BMRS decision made by its rule; None otherwise."""
+        margin = self.options.get("margin")
+        return None if margin is None or self.options.get("fraction") is not None else float(margin)
+
+    def tie_band(self) -> Optional[dict]:
+        """Structures whose dF lies in the tie band ``[-margin, 0)``: removed by the margin, kept by
+        the strict rule. ``{"band": [-margin, 0], "count": n, "removed": n_removed}``, or None when
+        the decision has no margin (not a BMRS rule)."""
+        margin = self.margin
+        if margin is None:
+            return None
+        count = removed = 0
+        for site, keep in self.keep.items():
+            df = torch.as_tensor(self.scores[site]).double()
+            band = (df >= -margin) & (df < 0)
+            count += int(band.sum())
+            removed += int((band & ~torch.as_tensor(keep).bool()).sum())
+        return {"band": [-margin, 0.0], "count": count, "removed": removed}
 
     def apply(self) -> "ReductionResult":
         """Set each noise layer's ``mask`` to ``keep`` (1 keep, 0 pruned); returns ``self``."""
@@ -57,6 +82,7 @@ class ReductionResult:
         """A JSON-friendly summary: method, options, per-layer keep masks and scores."""
         return {
             "method": self.method,
+            "rule": self.rule,
             "options": {k: _jsonable(v) for k, v in self.options.items()},
             "fraction_removed": float(self.fraction_removed),
             "layers": {
@@ -76,11 +102,13 @@ class ReductionResult:
             f"{'site':<{width}}  {'kept/total':>11}  {'removed %':>9}  "
             f"{'min ' + self.label:>12}  {'max ' + self.label:>12}"
         )
-        lines = [
-            f"reduce(method={self.method!r}): removed {self.fraction_removed * 100:.1f} % of structures",
-            head,
-            "-" * len(head),
-        ]
+        lines = [f"reduce(method={self.method!r}): removed {self.fraction_removed * 100:.1f} % of structures"]
+        if self.rule:
+            lines.append(f"rule: {self.rule}")
+        band = self.tie_band()
+        if band is not None and band["count"]:
+            lines.append(f"tie band [-{self.margin:g}, 0): {band['count']} structures ({band['removed']} removed)")
+        lines += [head, "-" * len(head)]
         for site, (kept, total) in self.kept_per_layer.items():
             s = self.scores[site]
             removed = 100.0 * (total - kept) / total
@@ -194,8 +222,12 @@ def reduce(
         min_keep: keep at least this many structures per layer. Defaults to 1 with ``fraction``
             and to 0 (the rule decides, even to remove a whole layer) without it. Structures
             already masked (with ``respect_mask``) are never brought back to satisfy it.
-        **options: the criterion's own options (``bits``/``reduced_low`` for ``bmrs_u``,
-            ``reduced_loc``/``reduced_scale`` for ``bmrs_n``, ``batch_size`` for ``activation``).
+        **options: the criterion's own options: ``margin`` (nats, default 1; the BMRS rules prune
+            where dF >= -margin, ``margin=0`` is the strict rule dF >= 0) for ``bmrs_n`` and
+            ``bmrs_u``; ``reference_code=True`` for ``bmrs_n`` (the authors' public-code decisions,
+            i.e. margin 0.5 log 2pi = 0.919); ``bits``/``reduced_low`` for ``bmrs_u``,
+            ``reduced_loc``/``reduced_scale`` for ``bmrs_n``, ``batch_size`` for ``activation``.
+            The scores are always the exact dF; the margin only moves the decision.
 
     Returns:
         A :class:`ReductionResult`; call ``.apply()`` to write the masks into the model.
@@ -207,6 +239,8 @@ def reduce(
     criterion = get_criterion(method)
     crit_options = criterion.check_options(options)
     fraction = _check_fraction(fraction)
+    if fraction is not None and not criterion.rankable:
+        raise ValueError(f"{criterion.name!r} removes nothing and cannot rank structures; drop fraction=")
     if fraction is None and not criterion.has_rule:
         raise ValueError(
             f"{criterion.name!r} ranks structures but has no threshold of its own: pass fraction=<share to "
@@ -230,7 +264,7 @@ def reduce(
 
     scores = {}
     for site, layer in sites.items():
-        s = criterion.score(model, noise_guide, site, layer, data=data, **crit_options)
+        s = criterion.score(model, noise_guide, site, layer, data=data, **criterion.score_options(crit_options))
         s = torch.as_tensor(s).detach().flatten().cpu()
         if s.shape != (layer.num_structures,):
             raise ValueError(
@@ -243,7 +277,7 @@ def reduce(
     alive = {site: (layer.mask.detach().cpu() > 0) if respect_mask else torch.ones(layer.num_structures, dtype=torch.bool)
              for site, layer in sites.items()}
     if fraction is None:
-        keep = {site: criterion.rule(scores[site]).bool() & alive[site] for site in sites}
+        keep = {site: criterion.decide(scores[site], crit_options) & alive[site] for site in sites}
         if min_keep > 0:
             keep = {site: _top_up(keep[site], alive[site], criterion.importance(scores[site]), min_keep)
                     for site in sites}
@@ -255,6 +289,11 @@ def reduce(
     removed = sum(t - k for k, t in kept_per_layer.values())
     recorded = dict(crit_options, fraction=fraction, scope=scope if fraction is not None else None,
                     respect_mask=respect_mask, min_keep=min_keep)
+    if fraction is None:
+        rule = criterion.rule_text(crit_options)
+    else:
+        rule = (f"remove the {100 * fraction:g} % lowest-ranked structures by {criterion.label} "
+                f"({scope} scope)")
     return ReductionResult(
         method=criterion.name,
         options=recorded,
@@ -264,6 +303,7 @@ def reduce(
         fraction_removed=removed / total,
         label=criterion.label,
         layers=dict(sites),
+        rule=rule,
     )
 
 
@@ -304,4 +344,148 @@ def _keep_fraction(criterion: Criterion, scores: dict, alive: dict, fraction: fl
     return keep
 
 
-__all__ = ["CRITERIA", "ReductionResult", "reduce"]
+def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Sum over (x, y) of log p(y | x) in deterministic mode (E_q[theta] * mask); leaves the random
+    state, the modules' train/eval modes and BatchNorm statistics as they were."""
+    from .criteria import _quiet_eval
+    from .infer import _class_log_probs, _logits_and_obs  # late import: training builds on this module
+    from .nn import noise_mode
+
+    total = 0.0
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with _quiet_eval(model), noise_mode(model, "mean"):
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size]
+            log_p = _class_log_probs(_logits_and_obs(model, xb, "obs"))
+            total += float(log_p.gather(-1, yb.long().unsqueeze(-1).to(log_p.device)).sum())
+    return total
+
+
+def _some_examples(data, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Up to ``limit`` examples of ``(X, y)`` or a DataLoader, and the size of the whole set."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader):
+        xs, ys, count = [], [], 0
+        for xb, yb in data:
+            xs.append(xb)
+            ys.append(yb)
+            count += xb.shape[0]
+            if count >= limit:
+                break
+        return torch.cat(xs)[:limit], torch.cat(ys)[:limit], len(data.dataset)
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0])):
+        raise ValueError("check_jointly needs data=(X, y) tensors or a DataLoader (the training data)")
+    return data[0], data[1], data[0].shape[0]
+
+
+def check_jointly(
+    result: ReductionResult,
+    model: torch.nn.Module,
+    guide,
+    data,
+    *,
+    max_examples: int = 8192,
+    seed: int = 0,
+) -> ReductionResult:
+    """Hold a BMRS decision to its margin jointly: remove fewer structures if the set is too costly.
+
+    BMR scores every structure alone (the posterior is mean-field), so it cannot see structures
+    that are each a near-tie but together carry the fit: a network whose posteriors all stayed
+    close to the prior (e.g. trained from posteriors initialised at the prior) has every dF in
+    (-margin, 0), and removing all of them at once would empty it. This check computes the change
+    in the ELBO that removing the set would really make, on the training data, as the change of
+    the log likelihood in deterministic mode plus the KL(q || p) terms that disappear (a removed
+    structure's posterior becomes its reduced prior), and keeps the removal only while it costs at
+    most ``margin`` nats per structure removed, the rule's own promise. When the whole set costs
+    more, the largest prefix (most prunable, i.e. largest dF, first) that keeps the promise is
+    removed. Before that, a layer none of whose structures has evidence beyond the margin
+    (every dF >= -margin) is left as it is: its posteriors have not been informed by the data yet
+    (they all sit at the prior), and BMR cannot tell "not needed" from "not learnt". Results
+    without a margin (no BMRS rule) are returned unchanged.
+
+    Args:
+        result: a :func:`reduce` result of ``bmrs_n``/``bmrs_u`` (its ``keep`` against the layers'
+            current masks tells what it would newly remove).
+        data: ``(X, y)`` training tensors; at most ``max_examples`` of them (a fixed random subset)
+            are used and the log likelihood is scaled to the full set.
+
+    Returns:
+        ``result`` itself when the whole set keeps the margin, else a new result with fewer
+        structures removed; either way ``result.options["joint_check"]`` records the check.
+    """
+    from torch.distributions import kl_divergence
+
+    from .distributions import LogUniform
+
+    margin = result.margin
+    if margin is None:
+        return result
+    x, y, n = _some_examples(data, max_examples)
+    if n > max_examples:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_examples]
+        x, y = x[idx], y[idx]
+    factor = n / x.shape[0]
+    noise_guide = _noise_guide(guide)
+    layers = result.layers
+    alive = {s: layers[s].mask.detach().cpu() > 0 for s in result.keep}
+    uninformed = [s for s in result.keep if not bool((result.scores[s] < -margin).any())]
+    new = [(float(result.scores[s][i]), s, i) for s in result.keep if s not in uninformed
+           for i in torch.nonzero(alive[s] & ~result.keep[s]).flatten().tolist()]
+    proposed = sum(int((alive[s] & ~result.keep[s]).sum()) for s in result.keep)
+    if not new and not proposed:
+        return result
+    new.sort(key=lambda t: -t[0])  # most prunable first
+    kl = {}
+    for s in result.keep:
+        q = noise_guide.posterior(s)
+        prior = LogUniform(q.loc.new_tensor(layers[s].low), q.loc.new_tensor(layers[s].high)).expand(q.batch_shape)
+        kl[s] = kl_divergence(q, prior).detach().double().cpu().reshape(-1)
+    saved = {s: layers[s].mask.detach().clone() for s in result.keep}
+
+    def gain(k: int) -> float:
+        """ELBO change (nats) of removing the first k new structures."""
+        try:
+            with torch.no_grad():
+                for s, i in ((s, i) for _, s, i in new[:k]):
+                    layers[s].mask[i] = 0.0
+            ll = _train_log_likelihood(model, guide, x, y)
+        finally:
+            with torch.no_grad():
+                for s in saved:
+                    layers[s].mask.copy_(saved[s])
+        return (ll - base) * factor + sum(float(kl[s][i]) for _, s, i in new[:k])
+
+    total = len(new)
+    base = _train_log_likelihood(model, guide, x, y) if new else 0.0
+    ok = lambda k: gain(k) >= -margin * k  # noqa: E731
+    if not new or ok(total):
+        accepted = total
+    else:
+        lo, hi = 0, total  # ok(lo) holds (k = 0 costs nothing); ok(hi) fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+        accepted = lo
+    record = {"proposed": proposed, "removed": accepted, "uninformed_layers": uninformed,
+              "max_examples": max_examples}
+    if accepted == proposed:
+        result.options["joint_check"] = record
+        return result
+    keep = {s: (alive[s].clone() if s in uninformed else k.clone()) for s, k in result.keep.items()}
+    for _, s, i in new[accepted:]:
+        keep[s][i] = True
+    kept_per_layer = {s: (int(keep[s].sum()), layers[s].num_structures) for s in keep}
+    all_total = sum(t for _, t in kept_per_layer.values())
+    removed = sum(t - k for k, t in kept_per_layer.values())
+    return ReductionResult(
+        method=result.method, options=dict(result.options, joint_check=record), scores=result.scores, keep=keep,
+        kept_per_layer=kept_per_layer, fraction_removed=removed / all_total, label=result.label, layers=layers,
+        rule=result.rule + f"; held to the margin jointly on the training data: {accepted} of {proposed} removed",
+    )
+
+
+__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "reduce"]

@@ -7,8 +7,11 @@ structure is ``q(z) = TruncatedNormal(loc, scale^2)`` on ``[a, b]``. Replacing t
     dF = log integral q(z) p~(z) / p(z) dz,
 
 computed without refitting (Friston & Penny's BMR). A reduced prior that shrinks the structure's
-scale ``theta`` towards zero encodes "this structure is not needed"; **dF >= 0 means the data favour
-the reduced model, so the structure is pruned**. No threshold is tuned.
+scale ``theta`` towards zero encodes "this structure is not needed"; dF > 0 means the data favour
+the reduced model, dF < 0 the full one, by e^|dF| to 1. The decision (in
+:mod:`bmrs_pyro.criteria`) keeps a structure only with at least a fixed margin of evidence for it,
+1 nat by default: **prune where dF >= -margin**. The margin is a constant of the evidence scale,
+never tuned; dF itself is exact.
 
 Numerics. For posteriors far outside ``[a, b]`` with tiny scales (``loc - a ~ -5``,
 ``scale ~ e^-20``) each log normaliser, ``log Z`` and ``log Z~``, is about ``-3e18`` while dF itself is
@@ -278,7 +281,7 @@ def delta_f_log_normal(
                - 0.5 log(2 pi (sigma^2 + sigma~^2)) - (mu - mu~)^2 / (2 (sigma^2 + sigma~^2))
 
     (The product of the two Gaussian densities is ``N(mu; mu~, sigma^2 + sigma~^2) N(z; m, s^2)``;
-    integrating it over ``[a, b]`` gives ``Z~``.) **Prune where dF >= 0.**
+    integrating it over ``[a, b]`` gives ``Z~``.) The rule prunes where dF >= -margin.
 
     The authors' public code omits the ``-0.5 log(2 pi)`` term, so its dF is 0.919 nats too high
     and it prunes structures whose exact dF lies in ``[-0.92, 0)``; this function is exact and is
@@ -336,8 +339,9 @@ def delta_f_log_uniform(
         dF_U = log(b-a) - log(b'-a')
                + log(Phi((b'-mu)/sigma) - Phi((a'-mu)/sigma)) - log(Phi((b-mu)/sigma) - Phi((a-mu)/sigma))
 
-    i.e. the log of (posterior mass in ``[a', b']``) / (prior mass ``(b'-a')/(b-a)``). **Prune where
-    dF >= 0**: the posterior puts at least as much mass on "theta at most 2^-k" as the prior does.
+    i.e. the log of (posterior mass in ``[a', b']``) / (prior mass ``(b'-a')/(b-a)``). dF >= 0: the
+    posterior puts at least as much mass on "theta at most 2^-k" as the prior does; the rule
+    prunes where dF >= -margin.
 
     Defaults: ``a' = a`` (``reduced_low``) and ``b' = bits_to_log_bound(8) = log 2^-8``
     (``reduced_high``; BMRS_U-8; ``bits_to_log_bound(4)`` gives BMRS_U-4). The authors' code uses

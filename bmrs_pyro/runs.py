@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pyro
 import torch
 
-from .infer import History, evaluate, fit
+from .infer import DEFAULT_PRUNE_WARMUP, History, evaluate, fit
 from .nn import noise_modules
 
 CONFIG_FILE = "config.json"
@@ -164,9 +164,11 @@ def parse_hidden(text: str | Sequence[int]) -> tuple[int, ...]:
 class RunConfig:
     """Every option of a run. ``config.json`` holds :meth:`to_dict` of the resolved config.
 
-    ``prune_every=None`` and ``name=None`` are resolved by :meth:`resolved`: continuous pruning
-    every :data:`DEFAULT_PRUNE_EVERY` epochs for a threshold-free method without ``fraction``
-    (else 0, post-training only), and ``<data>-<model>-<method>-<timestamp>``.
+    ``prune_every=None``, ``prune_start=None``, ``margin=None`` and ``name=None`` are resolved by
+    :meth:`resolved`: continuous pruning every :data:`DEFAULT_PRUNE_EVERY` epochs for a
+    threshold-free method without ``fraction`` (else 0, post-training only; ``none`` never
+    prunes), starting after ``ceil(DEFAULT_PRUNE_WARMUP * epochs)`` epochs; the BMRS margin 1 nat
+    (0.919 with ``reference_code``); and ``<data>-<model>-<method>-<timestamp>``.
     """
 
     data: str = "digits"
@@ -178,12 +180,14 @@ class RunConfig:
     fraction: Optional[float] = None
     bits: int = 8
     reference_code: bool = False
+    margin: Optional[float] = None
     epochs: int = 100
     lr: float = 1e-2
     guide_lr: float = 0.05
     batch_size: int = 128
     kl_weight: float = 1.0
     prune_every: Optional[int] = None
+    prune_start: Optional[int] = None
     finetune_epochs: int = 10
     seed: int = 0
     device: str = "cpu"
@@ -199,7 +203,14 @@ class RunConfig:
         """A copy with ``prune_every`` and ``name`` filled in and ``hidden`` only for mlp."""
         cfg = dataclasses.replace(self)
         if cfg.prune_every is None:
-            cfg.prune_every = DEFAULT_PRUNE_EVERY if (_has_rule(cfg.method) and cfg.fraction is None) else 0
+            continuous = _has_rule(cfg.method) and cfg.fraction is None and cfg.method != "none"
+            cfg.prune_every = DEFAULT_PRUNE_EVERY if continuous else 0
+        if cfg.prune_start is None and cfg.prune_every and isinstance(cfg.epochs, int):
+            cfg.prune_start = max(1, math.ceil(DEFAULT_PRUNE_WARMUP * cfg.epochs))
+        if cfg.margin is None and _is_bmrs(cfg.method) and cfg.fraction is None:
+            from .criteria import resolve_margin
+
+            cfg.margin = resolve_margin(None, cfg.reference_code and cfg.method == "bmrs_n")
         if cfg.model != "mlp":
             cfg.hidden = None
         elif cfg.hidden is not None:
@@ -241,6 +252,20 @@ class RunConfig:
             raise ValueError(f"fraction must be in [0, 1] (the share of structures to remove), got {self.fraction!r}")
         if self.prune_every is not None:
             _nonneg_int("prune_every", self.prune_every)
+        if self.prune_start is not None:
+            _positive_int("prune_start", self.prune_start)
+        if self.margin is not None or self.reference_code:
+            from .criteria import resolve_margin
+
+            if self.margin is not None and not _is_bmrs(self.method):
+                raise ValueError(f"--margin applies to bmrs_n and bmrs_u only, not to {self.method!r}")
+            if self.reference_code and self.method != "bmrs_n":
+                raise ValueError(f"--reference-code applies to bmrs_n only, not to {self.method!r}")
+            resolve_margin(self.margin, self.reference_code)
+        if self.method == "bmrs_u" and self.bits < 1:
+            raise ValueError(f"bits must be >= 1 (the reduced prior of bmrs_u ends at log 2^-bits), got {self.bits!r}")
+        if self.method == "none" and (self.fraction is not None or self.prune_every):
+            raise ValueError("--method none removes nothing: drop --fraction and --prune-every")
         if not _has_rule(self.method) and self.fraction is None:
             raise ValueError(
                 f"method {self.method!r} ranks structures but has no threshold: pass --fraction <share to remove>, "
@@ -284,12 +309,16 @@ class RunConfig:
 
     @property
     def method_options(self) -> dict:
-        """Keyword options of the pruning criterion (``bits`` for bmrs_u, ``reference_code`` for bmrs_n)."""
+        """Keyword options of the pruning criterion: ``bits`` for bmrs_u, ``reference_code`` for
+        bmrs_n, the evidence ``margin`` for both (unless ranking by ``fraction``)."""
+        options: dict = {}
         if self.method == "bmrs_u":
-            return {"bits": self.bits}
+            options["bits"] = self.bits
         if self.method == "bmrs_n" and self.reference_code:
-            return {"reference_code": True}
-        return {}
+            options["reference_code"] = True
+        elif _is_bmrs(self.method) and self.margin is not None and self.fraction is None:
+            options["margin"] = self.margin
+        return options
 
 
 #: Largest ``bits`` of BMRS_U: the reduced prior's upper bound 2^-bits must stay above the prior's
@@ -316,6 +345,10 @@ def _positive_int(name: str, value: Any) -> None:
 def _nonneg_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _is_bmrs(method: str) -> bool:
+    return method in ("bmrs_n", "bmrs_u")
 
 
 def _has_rule(method: str) -> bool:
@@ -416,6 +449,14 @@ class Experiment:
     history: History = field(default_factory=History)
     #: Random states to continue from (set when resuming from a checkpoint; see bmrs_pyro.rng).
     rng_state: Optional[dict] = None
+    #: Wall time (s) that earlier invocations of a resumed run spent, read from its checkpoint.
+    elapsed_before: float = 0.0
+    #: ``time.perf_counter()`` when this invocation started, for the cumulative run time.
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run so far, earlier invocations of a resumed run included."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -473,7 +514,8 @@ def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
     def callback(epoch: int, history: History, model, guide) -> bool:
         if path is not None:
             save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
-                            config=exp.config.to_dict(), epoch=epoch + 1, extra={"stage": "train"},
+                            config=exp.config.to_dict(), epoch=epoch + 1,
+                            extra={"stage": "train", "elapsed": exp.elapsed()},
                             rng_state=getattr(history, "rng_state", None))
         return False
 
@@ -513,47 +555,44 @@ def train(
 ) -> History:
     """Train ``exp`` from ``start_epoch`` to ``config.epochs`` with continuous pruning.
 
-    Pruning happens after every epoch ``e`` with ``(e + 1) % prune_every == 0`` counted from the
-    start of training, also across a resume (the first segment after a resume runs up to the
-    next such epoch). A checkpoint is written to ``checkpoint`` after every epoch.
+    Reductions happen after epoch ``prune_start`` and then every ``prune_every`` epochs, counted
+    from the start of training, also across a resume. A checkpoint is written to ``checkpoint``
+    after every epoch.
     """
     cfg = exp.config
-    remaining = cfg.epochs - start_epoch
-    if remaining <= 0:
+    if cfg.epochs - start_epoch <= 0:
         return exp.history
     if start_epoch:
         hold_pruned(exp)
     callback = _checkpoint_callback(exp, checkpoint)
-    epoch = start_epoch
-    # Continue the saved random stream (exact resume); each later chunk continues the previous one.
-    rng_state = exp.rng_state if start_epoch else None
-    while epoch < cfg.epochs:
-        pe = cfg.prune_every or 0
-        if pe and epoch % pe:
-            # Resumed between two pruning steps: run up to the next one, pruning there if reached.
-            to_boundary = pe - epoch % pe
-            chunk = min(cfg.epochs - epoch, to_boundary)
-            prune_every = chunk if chunk == to_boundary else None
-        else:
-            chunk, prune_every = cfg.epochs - epoch, (pe or None)
-        fit(exp.model, exp.guide, exp.data.train, epochs=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
-            kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
-            prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
-            progress=progress, start_epoch=epoch, optimizer=exp.optimizer, history=exp.history,
-            rng_state=rng_state)
-        rng_state = getattr(exp.history, "rng_state", None)
-        epoch += chunk
+    prune_every = cfg.prune_every or None
+    fit(exp.model, exp.guide, exp.data.train, epochs=cfg.epochs - start_epoch, batch_size=cfg.batch_size,
+        lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
+        prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
+        prune_start=(cfg.prune_start or 1) if prune_every else None,
+        progress=progress, start_epoch=start_epoch, optimizer=exp.optimizer, history=exp.history,
+        rng_state=exp.rng_state if start_epoch else None)  # exact resume: continue the saved stream
     return exp.history
 
 
 def final_reduction(exp: Experiment):
-    """Apply the configured criterion once more (respecting earlier masks); returns the result."""
+    """Apply the configured criterion once more (respecting earlier masks); returns the result.
+
+    Like continuous pruning, it keeps at least one structure per layer and holds a BMRS decision
+    to its margin jointly on the training data (:func:`bmrs_pyro.pruner.check_jointly`), so the
+    run always ends with a working network.
+    """
     from .criteria import CRITERIA
-    from .pruner import reduce
+    from .pruner import check_jointly, reduce
 
     cfg = exp.config
     data = exp.data.train if CRITERIA[cfg.method].needs_data else None
-    result = reduce(exp.model, exp.guide, cfg.method, fraction=cfg.fraction, data=data, **cfg.method_options)
+    result = reduce(exp.model, exp.guide, cfg.method, fraction=cfg.fraction, data=data, min_keep=1,
+                    **cfg.method_options)
+    result = check_jointly(result, exp.model, exp.guide, exp.data.train)
+    exp.history.events.append({"epoch": len(exp.history.elbo) - 1, "event": "prune", "method": cfg.method,
+                               "kept": {k: int(v.sum()) for k, v in result.keep.items()},
+                               "fraction_removed": result.fraction_removed, "final": True})
     result.apply()
     return result
 
@@ -568,6 +607,7 @@ def finetune(exp: Experiment, *, progress: bool = True) -> History:
     if cfg.finetune_epochs <= 0:
         return exp.history
     hold_pruned(exp)
+    exp.history.events.append({"epoch": len(exp.history.elbo), "event": "finetune"})
     fit(exp.model, exp.guide, exp.data.train, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         kl_weight=cfg.kl_weight, seed=cfg.seed, device=str(exp.device), progress=progress,
         start_epoch=cfg.epochs, optimizer=exp.optimizer, history=exp.history)
@@ -674,26 +714,16 @@ def structure_summary(reduction) -> dict:
             "layers": layers}
 
 
-#: Width of the band just below the BMRS threshold reported as "borderline": 0.5 log(2 pi), the
-#: amount by which the BMRS reference code's dF_N is too high (it omits that term).
-BORDERLINE_BAND = 0.5 * math.log(2 * math.pi)
-
-
-def borderline_summary(reduction) -> Optional[dict]:
-    """For dF methods: how many kept structures have ``-0.919 <= dF < 0`` (None for other methods).
-
-    A structure the data no longer use drifts to a posterior close to the prior, where the exact
-    dF approaches 0 from below, so the rule ``dF >= 0`` keeps it. Counting them tells the user
-    how much of the network sits at that tie.
-    """
-    if not str(reduction.method).startswith("bmrs"):
-        return None
-    count = 0
-    for site, keep in reduction.keep.items():
-        scores = torch.as_tensor(reduction.scores[site]).double().cpu()
-        kept = torch.as_tensor(keep).bool().cpu()
-        count += int(((scores >= -BORDERLINE_BAND) & (scores < 0) & kept).sum())
-    return {"count": count, "band": [-BORDERLINE_BAND, 0.0]}
+def decision_summary(reduction) -> dict:
+    """``decision`` part of the metrics: the method, its rule in words and, for the BMRS rules,
+    the evidence margin and the tie band ``[-margin, 0)``: structures the margin removes although
+    the strict rule ``dF >= 0`` would keep them (posteriors close to the prior)."""
+    out: dict[str, Any] = {"method": reduction.method, "rule": getattr(reduction, "rule", "") or ""}
+    band = reduction.tie_band() if hasattr(reduction, "tie_band") else None
+    if band is not None:
+        out["margin"] = float(reduction.margin)
+        out["tie_band"] = band
+    return out
 
 
 def reduction_to_dict(reduction) -> dict:
@@ -912,6 +942,8 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
             exp.history = state["history"]
             exp.rng_state = state.get("rng_state")
             start = int(state["epoch"] or 0)
+            exp.elapsed_before = float((state.get("extra") or {}).get("elapsed") or 0.0)
+            exp.history.events.append({"epoch": start, "event": "resume"})
             if start > config.epochs:
                 raise ValueError(f"{ckpt} has {start} training epochs already; --epochs must be at least {start}")
             log(f"resuming {run_dir} from epoch {start} of {config.epochs}")
@@ -978,6 +1010,7 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
 
     t_start = opened.t_start
     exp, start = opened.exp, opened.start
+    exp.started = t_start
     ckpt = run_dir / CHECKPOINT_FILE
 
     t_train = time.perf_counter()
@@ -1005,14 +1038,13 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     metrics.update({"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
                     "nll_before": before["nll"], "nll_after": after["nll"]})
     metrics.update(structure_summary(reduction))
-    borderline = borderline_summary(reduction)
-    if borderline is not None:
-        metrics["borderline"] = borderline
+    metrics["decision"] = decision_summary(reduction)
     compacted, part = compaction_summary(exp)
     metrics.update(part)
     metrics["elbo"] = list(exp.history.elbo)
     metrics["pruning_events"] = [
-        {"epoch": e["epoch"], "kept": sum(e["kept"].values())} for e in exp.history.events if e.get("event") == "prune"
+        {"epoch": e["epoch"], "kept": sum(e["kept"].values()), **({"final": True} if e.get("final") else {})}
+        for e in exp.history.events if e.get("event") == "prune"
     ]
     metrics["epochs"] = {"train": config.epochs, "finetune": config.finetune_epochs, "resumed_from": start if resume else None}
     metrics["evaluated_on"] = "test"
@@ -1021,6 +1053,7 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     exp.model.cpu()
     exp.guide.cpu()
     metrics["seconds"] = time.perf_counter() - t_start
+    metrics["seconds_total"] = exp.elapsed()
     write_run(run_dir, exp, reduction, metrics, compacted.cpu())
     return run_dir, metrics, reduction
 
@@ -1067,10 +1100,13 @@ def format_summary(metrics: dict, run_dir: Optional[Path] = None) -> str:
     for r in metrics["layers"]:
         pct = 100.0 * (r["total"] - r["kept"]) / r["total"] if r["total"] else 0.0
         out.append(f"{r['site']:<{layer_w}}  {r['kept']:>6}  {r['total']:>6}  {pct:>6.1f} %")
-    border = metrics.get("borderline")
-    if border and border.get("count"):
-        out += ["", f"note: {border['count']} kept structures have -0.92 <= dF < 0: their posteriors are close to the "
-                    "prior, a near tie that the exact rule dF >= 0 keeps."]
+    decision = metrics.get("decision") or {}
+    if decision.get("rule"):
+        out += ["", f"rule: {decision['rule']}"]
+    band = decision.get("tie_band")
+    if band and band.get("count"):
+        out.append(f"tie band: {band['count']} structures have {band['band'][0]:g} <= dF < 0 (posteriors close to "
+                   f"the prior: not worth keeping on the evidence); {band['removed']} of them removed")
     return "\n".join(out)
 
 

@@ -151,7 +151,7 @@ def findings(rows: Sequence[dict]) -> list[str]:
         out.append("Largest parameter compression anywhere on the curve within 1 point (an oracle choice on the "
                    "test set): " + ", ".join(f"`{r['method']}` {_p(r['within_parameters_mean'])} %"
                                              for r in ranked[:3]) + ".")
-    for m in ("bmrs_n", "bmrs_n_ref", "bmrs_u8", "bmrs_u4"):
+    for m in ("bmrs_n", "bmrs_n_strict", "bmrs_n_ref", "bmrs_u8", "bmrs_u4"):
         r = _row(rows, m)
         if r is None or not _ok(r["stop_parameters_mean"]):
             continue
@@ -246,10 +246,13 @@ def _methods_list() -> str:
 
     lines = []
     for name, m in METHODS.items():
-        rule = {"bmrs_n": "prune where dF >= 0 (reduced prior: a point mass at log theta = -20)",
-                "bmrs_u8": "prune where dF >= 0 (reduced prior: log-uniform up to 2^-8)",
-                "bmrs_u4": "prune where dF >= 0 (reduced prior: log-uniform up to 2^-4)",
-                "bmrs_n_ref": "prune where the authors' code's dF (0.919 nats above the exact one) >= 0",
+        rule = {"bmrs_n": "prune where dF >= -1, the default evidence margin of 1 nat (reduced prior: a point "
+                          "mass at log theta = -20)",
+                "bmrs_n_strict": "prune where dF >= 0 (margin 0, the strict Bayes-factor rule)",
+                "bmrs_u8": "prune where dF >= -1 (reduced prior: log-uniform on [-20, log 2^-8])",
+                "bmrs_u4": "prune where dF >= -1 (reduced prior: log-uniform on [-20, log 2^-4])",
+                "bmrs_n_ref": "prune where the authors' code's dF (0.919 nats above the exact one) >= 0, i.e. the "
+                              "margin 0.919",
                 "snr": "prune where the posterior's signal-to-noise ratio < 1",
                 "e_theta": "none (ranking by E[theta])", "l2": "none (ranking by incoming-weight L2 norm)",
                 "rni": "prune the bounded-BN importances below the regulariser's push peak",
@@ -264,7 +267,7 @@ def _methods_list() -> str:
 
 def render(tasks: Sequence[Task], outs: Sequence[dict], *, seeds: int, seconds: Optional[float], workers: int,
            previous: Optional[str] = None, fig_dir: Path = ROOT / "docs" / "figures",
-           note: str = "") -> str:
+           note: str = "", margin_section: str = "") -> str:
     """The text of docs/RESULTS.md; ``previous`` supplies the hand-written section to keep."""
     from bmrs_pyro.compare import KNEE_SETTINGS, TOLERANCE, format_markdown, format_widths, kept_width_rows
 
@@ -319,6 +322,8 @@ def render(tasks: Sequence[Task], outs: Sequence[dict], *, seeds: int, seconds: 
     if verdicts:
         parts += ["## Where BMRS wins and where it loses (generated from the numbers)", ""]
         parts += [f"- {v}" for v in verdicts] + [""]
+    if margin_section:
+        parts += [margin_section, ""]
     for t, o in zip(tasks, outs):
         parts += [f"## {t.title}", "", t.note, ""]
         parts += [f"- {s}" for s in findings(o["rows"])] + [""]
@@ -373,6 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--render-only", action="store_true", help="rebuild RESULTS.md from existing folders")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (timing trials)")
     p.add_argument("--note", default="", help="a note printed under 'What was run'")
+    p.add_argument("--no-margin-sweep", action="store_true",
+                   help="skip scripts/margin_sweep.py (the evidence-margin section of RESULTS.md)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from bmrs_pyro.compare import load_comparison, run_many, write_outputs
@@ -417,10 +424,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for t in tasks:
         for x in ("parameters", "structures"):
             shutil.copyfile(out / t.key / f"accuracy_{x}.png", fig_dir / f"{t.key}-accuracy_{x}.png")
+    margin_section = ""
+    if not args.no_margin_sweep:
+        import margin_sweep
+
+        sweep_json = ROOT / "docs" / "margin_sweep.json"
+        if args.render_only and sweep_json.is_file():
+            summary = json.loads(sweep_json.read_text())["summary"]
+            margin_sweep.figure(summary, fig_dir / "margin-sweep.png")
+        else:
+            t0 = time.perf_counter()
+            budget = {k: BUDGET[k] for k in ("epochs", "batch_size")}
+            summary = margin_sweep.run(seeds, budget, args.workers, sweep_json, fig_dir / "margin-sweep.png")["summary"]
+            print(f"margin sweep done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+            if seconds is not None:
+                seconds += time.perf_counter() - t0
+        margin_section = margin_sweep.markdown(summary, os.path.relpath(fig_dir / "margin-sweep.png", ROOT / "docs"))
     target = ROOT / "docs" / "RESULTS.md"
     previous = target.read_text() if target.exists() else None
     target.write_text(render(tasks, outs, seeds=seeds, seconds=seconds, workers=args.workers, previous=previous,
-                             fig_dir=fig_dir, note=args.note))
+                             fig_dir=fig_dir, note=args.note, margin_section=margin_section))
     print(f"wrote {target}")
     return 0
 

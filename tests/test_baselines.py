@@ -114,7 +114,7 @@ def removed_units(model) -> list[int]:
 
 
 def test_registry_names_citations_and_docstrings():
-    expected = {"bmrs_n", "bmrs_n_ref", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2", "rni", "self_compression",
+    expected = {"bmrs_n", "bmrs_n_strict", "bmrs_n_ref", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2", "rni", "self_compression",
                 "iap", "aiap", "ilp"}
     assert set(METHODS) == expected
     for name, method in METHODS.items():

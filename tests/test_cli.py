@@ -229,7 +229,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypat
     assert len(metrics["elbo"]) == 5 + 1
     assert metrics["elbo"][:2] == pytest.approx(saved["history"]["elbo"])
     assert metrics["epochs"]["resumed_from"] == 2
-    assert [e["epoch"] for e in metrics["pruning_events"]] == [0, 1, 2, 3, 4]
+    assert [e["epoch"] for e in metrics["pruning_events"] if not e.get("final")] == [0, 1, 2, 3, 4]
+    assert metrics["pruning_events"][-1] == {**metrics["pruning_events"][-1], "epoch": 4, "final": True}
     assert json.loads((run / "config.json").read_text())["epochs"] == 5
     assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 5
 
@@ -318,6 +319,14 @@ def test_unknown_names_list_the_valid_ones(option, value, listed, capsys, tmp_pa
     (["--device", "tpu"], "device must be 'cpu' or 'cuda'"),
     (["--threads", "0"], "--threads: must be a positive integer"),
     (["--name", ".."], "plain folder name"),
+    (["--margin", "-1"], "--margin: must be a number >= 0"),
+    (["--margin", "inf"], "--margin: must be a finite number"),
+    (["--method", "snr", "--margin", "1"], "--margin applies to bmrs_n and bmrs_u only"),
+    (["--reference-code", "--margin", "2"], "cannot be combined with margin"),
+    (["--method", "bmrs_u", "--reference-code"], "--reference-code applies to bmrs_n only"),
+    (["--method", "bmrs_u", "--bits", "0"], "bits must be >= 1"),
+    (["--method", "none", "--fraction", "0.5"], "--method none removes nothing"),
+    (["--prune-start", "0"], "--prune-start: must be a positive integer"),
 ])
 def test_bad_values_are_refused_before_training(args, message, capsys, tmp_path, no_training):
     assert main(["run", *args, "--output", str(tmp_path / "o")]) == 2
@@ -391,24 +400,50 @@ def test_run_config_validation_messages():
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_borderline_structures_are_counted_and_noted():
+@pytest.fixture
+def fitted_reduction():
+    """A real bmrs_n reduction of a small MLP whose posteriors are partly near the prior (tie band),
+    partly sharp near theta = 1 (kept) and partly piled at the lower bound (removed)."""
+    from bmrs_pyro.guides import AutoTruncatedLogNormal
+    from bmrs_pyro.models import mlp
+    from bmrs_pyro.pruner import reduce
+
+    pyro.clear_param_store()
+    model = mlp(4, 3, hidden=(6, 5))
+    guide = AutoTruncatedLogNormal(model)
+    guide(torch.randn(2, 4))
+    for i, site in enumerate(guide.site_names):
+        loc, log_scale = guide.locs, guide.log_scales
+        *path, leaf = site.split(".")
+        owner_l, owner_s = loc, log_scale
+        for part in path:
+            owner_l, owner_s = getattr(owner_l, part), getattr(owner_s, part)
+        n = getattr(owner_l, leaf + "_unconstrained").numel()
+        with torch.no_grad():
+            getattr(owner_l, leaf + "_unconstrained").copy_(torch.tensor([-10.0, -0.5, -20.0, -9.0, -0.1, -11.0][:n]))
+            getattr(owner_s, leaf + "_unconstrained").copy_(torch.tensor([5.0, -4.0, -1.0, 4.0, -5.0, 3.0][:n]))
+    return reduce(model, guide, "bmrs_n")
+
+
+def test_decision_and_tie_band_are_recorded_and_printed(fitted_reduction):
     from bmrs_pyro.analysis import SavedReduction
 
-    reduction = SavedReduction("bmrs_n", {"a.theta": torch.tensor([-1.0, -0.5, 0.1, -1e-4]),
-                                          "b.theta": torch.tensor([-0.9, -0.95])},
-                               {"a.theta": torch.tensor([True, True, False, True]),
-                                "b.theta": torch.tensor([True, True])})
-    # Kept with -0.919 <= dF < 0: -0.5, -1e-4 and -0.9 (not -1.0, -0.95 or the pruned 0.1).
-    assert runs.borderline_summary(reduction)["count"] == 3
-    assert runs.borderline_summary(SavedReduction("snr", reduction.scores, reduction.keep)) is None
+    reduction = fitted_reduction
+    decision = runs.decision_summary(reduction)
+    df = torch.cat([reduction.scores[s] for s in reduction.keep])
+    keep = torch.cat([reduction.keep[s] for s in reduction.keep])
+    band = (df >= -1.0) & (df < 0)
+    assert decision["margin"] == 1.0 and decision["rule"] == reduction.rule
+    assert decision["tie_band"] == {"band": [-1.0, 0.0], "count": int(band.sum()), "removed": int((band & ~keep).sum())}
+    assert "margin" not in runs.decision_summary(SavedReduction("snr", reduction.scores, reduction.keep))
     metrics = {"data": "digits", "model": "mlp", "method": "bmrs_n", "accuracy_before": 0.9, "accuracy_after": 0.8,
-               "nll_before": 0.3, "nll_after": 0.4, "borderline": {"count": 3},
+               "nll_before": 0.3, "nll_after": 0.4, "decision": decision,
                "parameters": {"before": 10, "after": 5, "removed_pct": 50.0},
                "flops": {"before": 20, "after": 10, "removed_pct": 50.0},
                "latency_ms": {"before": 1.0, "after": 0.5, "batch": 4}, **runs.structure_summary(reduction)}
     table = runs.format_summary(metrics)
-    assert "note: 3 kept structures have -0.92 <= dF < 0" in table
-    assert re.search(r"structures\s+6\s+5\s+16\.7 %", table)
+    assert "rule: prune where dF >= -1 nat" in table
+    assert f"tie band: {int(band.sum())} structures have -1 <= dF < 0" in table
 
 
 @pytest.mark.slow
@@ -423,7 +458,11 @@ def test_default_run(tmp_path, capsys):
     assert config["epochs"] == RunConfig().epochs and config["prune_every"] == runs.DEFAULT_PRUNE_EVERY
     assert config["kl_weight"] == 1.0 and config["hidden"] == [100, 100] and config["activation"] == "tanh"
     assert metrics["accuracy_after"] >= 0.95
-    assert len(metrics["pruning_events"]) == RunConfig().epochs // runs.DEFAULT_PRUNE_EVERY
+    continuous = [e["epoch"] for e in metrics["pruning_events"] if not e.get("final")]
+    start = config["prune_start"]
+    assert start == math.ceil(0.25 * RunConfig().epochs)  # the warm-up: a quarter of the epochs
+    assert continuous == list(range(start - 1, RunConfig().epochs, runs.DEFAULT_PRUNE_EVERY))
+    assert metrics["pruning_events"][-1]["final"] and metrics["decision"]["margin"] == 1.0
     assert (run / "report.html").is_file()
     assert "accuracy (test)" in capsys.readouterr().out
 
@@ -434,6 +473,13 @@ def test_guide_lr_and_reference_code_reach_the_optimizer_and_the_criterion():
     assert [g["lr"] for g in exp.optimizer.param_groups] == [cfg.lr, 0.07]
     assert {id(p) for p in exp.optimizer.param_groups[1]["params"]} == {id(p) for p in exp.guide.parameters()}
     assert cfg.method_options == {"reference_code": True}
-    assert RunConfig(method="bmrs_u", reference_code=True).method_options == {"bits": 8}
+    assert cfg.margin == pytest.approx(0.5 * math.log(2 * math.pi))  # the published decisions
+    assert RunConfig(method="bmrs_u").resolved().method_options == {"bits": 8, "margin": 1.0}
+    assert RunConfig().resolved().method_options == {"margin": 1.0}
+    assert RunConfig(margin=0.0).resolved().method_options == {"margin": 0.0}
+    assert RunConfig(method="snr").resolved().margin is None
+    none = RunConfig(method="none").resolved()
+    assert none.prune_every == 0 and none.method_options == {}
+    assert RunConfig(epochs=40).resolved().prune_start == 10  # a quarter of the epochs
     with pytest.raises(ValueError, match="guide_lr"):
         RunConfig(guide_lr=-1.0).validate()

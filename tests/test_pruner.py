@@ -99,37 +99,101 @@ def fitted():
 # ---------------------------------------------------------------- BMRS decisions
 
 
-def test_bmrs_n_prunes_exactly_where_df_nonnegative(fitted):
+@pytest.mark.parametrize("method", ["bmrs_n", "bmrs_u"])
+@pytest.mark.parametrize("margin", [None, 0.0, 0.5, 0.9189385332046727, 1.0, 3.0])
+def test_bmrs_prunes_exactly_where_df_reaches_minus_margin(fitted, method, margin):
+    """keep == (dF < -margin), dF computed by the reduction functions directly; default margin 1."""
     model, guide, _, (s0, s1) = fitted
-    result = reduce(model, guide, "bmrs_n")
+    options = {} if margin is None else {"margin": margin}
+    result = reduce(model, guide, method, **options)
+    m = 1.0 if margin is None else margin
+    assert result.margin == m and result.options["margin"] == m
     for site in (s0, s1):
         loc, scale = guide.loc_scale(site)
-        df = delta_f_log_normal(loc.detach(), scale.detach(), A, B)
-        assert torch.equal(result.scores[site], df)
-        assert torch.equal(result.keep[site], df < 0)
-    # the posteriors piled up at a are pruned, the ones sharply at b kept (known answers)
-    assert result.keep[s0].tolist()[:4] == [False, False, True, True]
-    assert result.keep[s1].tolist()[:2] == [True, False]
-    assert 0 < result.fraction_removed < 1
+        if method == "bmrs_n":
+            df = delta_f_log_normal(loc.detach(), scale.detach(), A, B)
+        else:
+            df = delta_f_log_uniform(loc.detach(), scale.detach(), A, B, reduced_high=bits_to_log_bound(8))
+        assert torch.equal(result.scores[site], df)  # the scores stay the exact dF whatever the margin
+        assert torch.equal(result.keep[site], df < -m)
+    if method == "bmrs_n" and margin == 0.0:
+        # the posteriors piled up at a are pruned, the ones sharply at b kept (known answers)
+        assert result.keep[s0].tolist()[:4] == [False, False, True, True]
+        assert result.keep[s1].tolist()[:2] == [True, False]
+        assert 0 < result.fraction_removed < 1
 
 
-def test_bmrs_n_decision_matches_quadrature(fitted):
-    """dF >= 0 decided independently: integrate q(z) p~(z) / p(z) with scipy."""
+def test_margin_moves_structures_of_the_tie_band_only(fitted):
+    """A posterior close to the prior (dF in (-1, 0)) is kept by the strict rule, removed by the
+    default margin; a clearly needed one (dF << -1) is kept by both; the band is counted."""
+    model, guide, _, (s0, s1) = fitted
+    set_posterior(guide, s0, [-10.0, -10.0, 0.0, -0.5, -12.0, -17.0], [5.0, 2.0, -5.0, -4.0, 0.5, 1.0])
+    strict = reduce(model, guide, "bmrs_n", margin=0)
+    default = reduce(model, guide, "bmrs_n")
+    df = strict.scores[s0]
+    assert -1 < df[0] < 0 and -1 < df[1] < 0  # near-prior posteriors: near ties
+    assert strict.keep[s0][:2].all() and not default.keep[s0][:2].any()
+    assert default.keep[s0][2:4].all() and strict.keep[s0][2:4].all()
+    band = default.tie_band()
+    in_band = sum(int(((strict.scores[s] >= -1) & (strict.scores[s] < 0)).sum()) for s in (s0, s1))
+    assert band["count"] == in_band >= 2 and band["removed"] == band["count"] and band["band"] == [-1.0, 0.0]
+    assert strict.tie_band()["count"] == 0
+
+
+def test_reference_code_is_the_published_rule_and_margin_zero_the_strict_one(fitted):
+    """Today's two behaviours: the authors' dF (exact + 0.5 log 2pi) >= 0, and the exact dF >= 0."""
+    model, guide, _, sites = fitted
+    set_posterior(guide, sites[0], [-10.0, -16.0, 0.0, -0.5, -12.0, -17.0], [5.0, 0.7, -5.0, -4.0, 0.5, 1.0])
+    offset = 0.5 * math.log(2 * math.pi)
+    ref = reduce(model, guide, "bmrs_n", reference_code=True)
+    strict = reduce(model, guide, "bmrs_n", margin=0.0)
+    for site in sites:
+        loc, scale = guide.loc_scale(site)
+        authors = delta_f_log_normal(loc.detach(), scale.detach(), A, B) + offset
+        assert torch.equal(ref.keep[site], ~(authors >= 0))
+        assert torch.equal(strict.keep[site], ~(authors - offset >= 0))
+        assert torch.equal(ref.scores[site], strict.scores[site])  # scores stay exact
+    assert ref.margin == pytest.approx(offset, abs=1e-15)
+    assert not torch.equal(ref.keep[sites[0]], strict.keep[sites[0]])  # the fixture has a tie in between
+    assert "authors" in ref.rule and "authors" in str(ref)
+    with pytest.raises(ValueError, match="reference_code"):
+        reduce(model, guide, "bmrs_n", reference_code=True, margin=1.0)
+
+
+@pytest.mark.parametrize("margin", [-0.5, float("nan"), float("inf"), "1", True])
+def test_bad_margin_is_refused(fitted, margin):
+    model, guide, _, _ = fitted
+    with pytest.raises(ValueError, match="margin"):
+        reduce(model, guide, "bmrs_n", margin=margin)
+
+
+def test_method_none_keeps_everything_and_cannot_rank(fitted):
+    model, guide, _, sites = fitted
+    result = reduce(model, guide, "none")
+    assert result.fraction_removed == 0 and all(k.all() for k in result.keep.values())
+    assert torch.equal(result.scores[sites[0]], reduce(model, guide, "bmrs_n").scores[sites[0]])
+    with pytest.raises(ValueError, match="none"):
+        reduce(model, guide, "none", fraction=0.5)
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_bmrs_n_decision_matches_quadrature(fitted, margin):
+    """dF >= -margin decided independently: integrate q(z) p~(z) / p(z) with scipy."""
     model, guide, _, (s0, _) = fitted
-    keep = reduce(model, guide, "bmrs_n", reduced_scale=0.5).keep[s0]  # wide p~: quadrature resolves it
+    keep = reduce(model, guide, "bmrs_n", reduced_scale=0.5, margin=margin).keep[s0]  # wide p~: quadrature resolves it
     loc, scale = (t.detach().double().numpy() for t in guide.loc_scale(s0))
     for i, (m, s) in enumerate(zip(loc, scale)):
         q = stats.truncnorm((A - m) / s, (B - m) / s, loc=m, scale=s)
         p_red = stats.truncnorm((A - A) / 0.5, (B - A) / 0.5, loc=A, scale=0.5)
         val, _ = integrate.quad(lambda z: q.pdf(z) * p_red.pdf(z) * (B - A), A, B, points=[m], limit=200)
-        assert keep[i].item() == (val < 1.0), (i, m, s, val)
+        assert keep[i].item() == (val < math.exp(-margin)), (i, m, s, val)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bmrs_u_matches_mass_below_bound(fitted, bits):
     """BMRS_U prunes iff q puts at least the prior's mass in [a, log 2^-bits] (scipy truncnorm)."""
     model, guide, _, sites = fitted
-    result = reduce(model, guide, "bmrs_u", bits=bits)
+    result = reduce(model, guide, "bmrs_u", bits=bits, margin=0)
     bound = -bits * math.log(2)
     for site in sites:
         loc, scale = guide.loc_scale(site)
@@ -317,13 +381,14 @@ def test_printing_and_to_dict(fitted):
     text = str(result)
     assert repr(result) == text
     assert "dF" in text and "bmrs_n" in text
+    assert "rule: prune where dF >= -1 nat" in text
     for site in sites:
         kept, total = result.kept_per_layer[site]
         line = next(ln for ln in text.splitlines() if ln.startswith(site))
         assert f"{kept}/{total}" in line
         assert f"{float(result.scores[site].min()):.4g}" in line
     d = json.loads(json.dumps(result.to_dict()))
-    assert d["method"] == "bmrs_n"
+    assert d["method"] == "bmrs_n" and d["options"]["margin"] == 1.0 and d["rule"] == result.rule
     assert d["layers"][sites[0]]["keep"] == result.keep[sites[0]].tolist()
     assert isinstance(result, ReductionResult)
 
@@ -472,3 +537,34 @@ def test_find_noise_guide_looks_into_nested_guide_lists():
     outer.append(inner)
     assert find_noise_guide(outer) is noise_part and find_noise_guide(noise_part) is noise_part
     assert find_noise_guide(outer[0]) is None and find_noise_guide(object()) is None
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("magic", {}, "unknown pruning method"),
+    ("bmrs_u", {"bits": 0}, "bits"),
+    ("bmrs_n", {"margin": -1.0}, "margin"),
+    ("bmrs_n", {"colour": 1}, "unknown option"),
+    ("l2", {}, "needs prune_options"),
+])
+def test_continuous_pruning_options_are_checked_before_the_first_step(method, options, message):
+    model, guide, data = small_model()
+    steps = []
+
+    def never(epoch, history, model, guide):
+        steps.append(epoch)
+
+    with pytest.raises(ValueError, match=message):
+        fit(model, guide, data, epochs=3, prune_every=1, prune_method=method, prune_options=options,
+            callbacks=[never], progress=False)
+    assert steps == []  # refused before training, not at the first reduction
+
+
+def test_prune_start_is_the_first_reduction_then_every_k():
+    model, guide, data = small_model()
+    history = fit(model, guide, data, epochs=12, prune_every=3, prune_start=5, progress=False)
+    assert [e["epoch"] + 1 for e in history.events if e["event"] == "prune"] == [5, 8, 11]
+    model, guide, data = small_model()
+    history = fit(model, guide, data, epochs=12, prune_every=4, progress=False)  # default: a quarter
+    assert [e["epoch"] + 1 for e in history.events if e["event"] == "prune"] == [3, 7, 11]
+    with pytest.raises(ValueError, match="prune_start"):
+        fit(model, guide, data, epochs=2, prune_every=1, prune_start=0, progress=False)

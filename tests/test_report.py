@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import html
+import shutil
 import importlib.util
 import io
 import json
@@ -38,11 +40,11 @@ def mixed_guide():
     return model, guide
 
 
-def fake_reductions(guide) -> list[FakeReduction]:
+def fake_reductions(guide, margin: float = 1.0) -> list[FakeReduction]:
     out = []
     for method, fn in (("bmrs_n", delta_f_log_normal), ("bmrs_u", delta_f_log_uniform)):
         scores = {s: fn(*(t.detach() for t in guide.loc_scale(s)), -20.0, 0.0) for s in SITES}
-        out.append(FakeReduction(method, scores, {s: d < 0 for s, d in scores.items()}))
+        out.append(FakeReduction(method, scores, {s: d < -margin for s, d in scores.items()}, {"margin": margin}))
     snr = {s: guide.posterior(s).signal_to_noise.detach().double() for s in SITES}
     out.append(FakeReduction("snr", snr, {s: v >= 1 for s, v in snr.items()}))
     return out
@@ -100,20 +102,31 @@ def test_forest_intervals_are_truncated_normal_quantiles():
     assert len(visible_axes(plots.plot_posterior_forest(guide, fake_reductions(guide)[:2]))) == 4
 
 
-def test_delta_f_ranked_with_zero_line_and_shading():
+def test_delta_f_ranked_with_zero_line_decision_line_and_tie_band():
     _, guide = mixed_guide()
     reds = fake_reductions(guide)
     fig = plots.plot_delta_f(reds)  # snr has no dF and is left out
     assert_labelled(fig)
     for ax, site in zip(visible_axes(fig), SITES):
-        assert len(ax.lines) == 3  # bmrs_n, bmrs_u, zero line
-        assert len(ax.patches) == 1  # the shaded dF >= 0 side
+        assert len(ax.lines) == 4  # bmrs_n, bmrs_u, the zero line, the decision line at -margin
         for line, red in zip(ax.lines[:2], reds[:2]):
             np.testing.assert_allclose(line.get_ydata(), np.sort(red.scores[site].numpy())[::-1])
-        assert ax.lines[2].get_ydata()[0] == 0
-        pruned_n = int((~reds[0].keep[site]).sum())
-        assert f"bmrs_n: {pruned_n} of {WIDTHS[SITES.index(site)]} pruned" in legend_texts(ax)
+        assert ax.lines[2].get_ydata()[0] == 0 and ax.lines[3].get_ydata()[0] == -1.0
+        assert len(ax.patches) == 2  # the removed side dF >= -1 and the tie band [-1, 0)
+        band = [p for p in ax.patches if p.get_hatch()]
+        assert len(band) == 1 and band[0].get_y() == pytest.approx(-1.0) and band[0].get_height() == pytest.approx(1.0)
+        removed = int((~reds[0].keep[site]).sum())
+        texts = legend_texts(ax)
+        assert f"bmrs_n: {removed} of {WIDTHS[SITES.index(site)]} removed" in texts
+        assert "tie band [-1, 0)" in texts and "decision: dF = -1" in texts
         assert ax.get_yscale() == "symlog"
+        # plain numbers on the symlog axis where people read them, no -10^0
+        labels = [plots._symlog_label(v) for v in (-1000.0, -10.0, -1.0, 0.0, 1.0, -1e5)]
+        assert labels == ["-1000", "-10", "-1", "0", "1", "$-10^{5}$"]
+    # the strict rule (margin 0): a decision line at 0 and no tie band
+    strict = plots.plot_delta_f(fake_reductions(guide, margin=0.0)[:1])
+    ax = visible_axes(strict)[0]
+    assert not [p for p in ax.patches if p.get_hatch()]
     with pytest.raises(ValueError, match="dF"):
         plots.plot_delta_f(reds[2])
 
@@ -133,8 +146,9 @@ def test_reduction_densities_show_delta_f_of_quadrature():
         expected = math.log((z.cdf(b2) - z.cdf(a)) / (z.cdf(b) - z.cdf(a)) * (b - a) / (b2 - a))
         labels = legend_texts(ax)
         assert len(ax.lines) == 3 and len(labels) == 3
-        assert labels[2].endswith(f"dF = {expected:.2f}")
-        assert ax.get_title().endswith("pruned" if expected >= 0 else "kept")
+        assert labels[2].endswith(f"dF of this posterior {expected:.2f}")
+        # the default margin: removed where dF >= -1
+        assert ax.get_title().split(": ")[1].startswith("removed" if expected >= -1 else "kept")
         assert ax.get_yscale() == "log"
     fig = plots.plot_reduction_densities(guide, site, [0, 7], reduced={"method": "bmrs_n"})
     for ax, i in zip(visible_axes(fig), [0, 7]):
@@ -143,17 +157,17 @@ def test_reduction_densities_show_delta_f_of_quadrature():
         q_a = stats.norm(loc, scale).pdf(a) / (stats.norm(loc, scale).cdf(b) - stats.norm(loc, scale).cdf(a))
         df = math.log((b - a) * q_a) if q_a > 0 else -math.inf
         text = legend_texts(ax)[2]
-        shown = float(text.rsplit("=", 1)[1])
+        shown = float(text.rsplit(" ", 1)[1])
         assert shown == pytest.approx(df, abs=0.01) if math.isfinite(df) else shown < -1e3
         assert len(ax.texts) == 1  # the arrow for the point mass
-    exact = [float(legend_texts(ax)[2].rsplit("=", 1)[1]) for ax in visible_axes(fig)]
+    exact = [float(legend_texts(ax)[2].rsplit(" ", 1)[1]) for ax in visible_axes(fig)]
+    # reference_code: the same exact dF, decided with the margin 0.5 log(2 pi)
     ref = plots.plot_reduction_densities(guide, site, [0, 7], reduced={"method": "bmrs_n", "reference_code": True})
     for ax, df in zip(visible_axes(ref), exact):
-        text = legend_texts(ax)[2]
-        assert text.endswith("(reference code)")
-        shown = float(text.split("dF = ")[1].split(" ")[0])
-        assert shown == pytest.approx(df + 0.5 * math.log(2 * math.pi), abs=0.011) if df > -1e3 else shown < -1e3
-        assert ax.get_title().endswith("pruned" if shown >= 0 else "kept")
+        shown = float(legend_texts(ax)[2].rsplit(" ", 1)[1])
+        assert shown == df
+        verdict = "removed" if df >= -0.5 * math.log(2 * math.pi) else "kept"
+        assert ax.get_title().split(": ")[1].startswith(verdict) and "-0.919" in ax.get_title()
     assert len(visible_axes(plots.plot_reduction_densities(guide, site, [1, 2, 3, 4]))) == 4
     with pytest.raises(ValueError, match="indices"):
         plots.plot_reduction_densities(guide, site, [12])
@@ -179,23 +193,34 @@ def test_e_theta_histograms_before_and_after():
         plots.plot_e_theta_histograms(guide, None)
 
 
-def test_elbo_trace_marks_pruning_events():
-    history = History(elbo=[-50.0, -30.0, -20.0, -18.0, -17.5],
+def test_elbo_trace_shows_kept_share_resume_and_finetuning():
+    elbo = [-3000.0, -500.0, -60.0, -50.0, -30.0, -20.0, -18.0, -17.5, -17.0, -16.0, -15.9, -15.8]
+    history = History(elbo=elbo,
                       events=[{"epoch": 1, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.2},
-                              {"epoch": 3, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.3}])
+                              {"epoch": 3, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.3},
+                              {"epoch": 5, "event": "resume"},
+                              {"epoch": 9, "event": "finetune"}])
     fig = plots.plot_elbo(history)
     assert_labelled(fig)
-    ax = visible_axes(fig)[0]
-    assert len(ax.lines) == 3
-    np.testing.assert_array_equal(ax.lines[0].get_ydata(), history.elbo)
-    assert [line.get_xdata()[0] for line in ax.lines[1:]] == [2, 4]  # epochs are 1-based on the axis
-    assert legend_texts(ax) == ["ELBO", "pruning (bmrs_n)"]
-    assert [t.get_text() for t in ax.texts] == ["20%", "30%"]
-    # pruning every epoch without change: one line each, labels only where the fraction changes
-    same = [{"epoch": e, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.1 if e < 3 else 0.4} for e in range(5)]
-    ax = visible_axes(plots.plot_elbo({"elbo": history.elbo, "events": same}))[0]
-    assert len(ax.lines) == 6 and [t.get_text() for t in ax.texts] == ["10%", "40%"]
-    assert len(visible_axes(plots.plot_elbo([-3.0, -2.0])) [0].lines) == 1
+    ax, twin = fig.axes[0], fig.axes[1]
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), elbo)
+    # one step line of the kept share instead of a vertical line per reduction
+    step = twin.lines[0]
+    assert list(step.get_ydata()) == pytest.approx([100.0, 80.0, 70.0, 70.0])
+    assert list(twin.lines[1].get_xdata()) == [2, 4]  # epochs are 1-based on the axis
+    vlines = [line for line in ax.lines[1:]]
+    assert sorted(line.get_xdata()[0] for line in vlines) == [5.5, 9.5]
+    assert {t.get_text() for t in ax.texts} == {"resumed", "fine-tuning (masks frozen)"}
+    texts = legend_texts(ax)
+    assert "resumed" in texts and "fine-tuning (masks frozen)" in texts
+    # the first epochs do not set the range: the rest of the curve stays readable
+    bottom, top = ax.get_ylim()
+    assert bottom > -3000.0 and bottom < -60.0 and top > -15.8
+    assert "below the range" in fig._suptitle.get_text()
+    # without events: the ELBO alone; train_epochs marks fine-tuning when no event says so
+    ax = visible_axes(plots.plot_elbo({"elbo": elbo, "events": []}, train_epochs=10))[0]
+    assert [line.get_xdata()[0] for line in ax.lines[1:]] == [10.5]
+    assert len(visible_axes(plots.plot_elbo([-3.0, -2.0]))[0].lines) == 1
     with pytest.raises(ValueError, match="ELBO"):
         plots.plot_elbo([])
 
@@ -431,3 +456,66 @@ def test_dom_check_flags_external_and_broken_images():
     bad = check.inspect_dom(f'<img src="data:image/png;base64,{good}"><link href="http://x/s.css">')
     assert not bad["ok"] and bad["external_refs"] == ["<link href=http://x/s.css>"]
     assert not check.inspect_dom("<p>no images</p>")["ok"]
+
+
+def test_report_says_what_was_removed_and_why(run_dir, tmp_path):
+    from bmrs_pyro.analysis.report import decision_sentence
+    from bmrs_pyro.runs import decision_summary
+
+    run, metrics = run_dir
+    base = {"structures": {"total": 200, "kept": 36, "removed_pct": 82.0}, "method": "bmrs_n",
+            "decision": {"method": "bmrs_n", "rule": "prune where dF >= -1 nat", "margin": 1.0,
+                         "tie_band": {"band": [-1.0, 0.0], "count": 170, "removed": 164}}}
+    text = decision_sentence(base)
+    assert text.startswith("bmrs_n removed 164 of 200 structures (82.0 %) by the rule: prune where dF >= -1 nat")
+    assert "164 of them lie in the tie band [-1, 0)" in text and "less than 1 nat of evidence" in text
+    nothing = dict(base, structures={"total": 200, "kept": 200, "removed_pct": 0.0})
+    assert "removed nothing: every structure has dF < -1" in decision_sentence(nothing)
+    assert "unpruned baseline" in decision_sentence(dict(nothing, decision={"method": "none", "rule": "keep"}))
+    # in the page, for a real reduction of the run folder's model
+    metrics = dict(metrics, decision={"method": "bmrs_n", "rule": "prune where dF >= -1 nat", "margin": 1.0,
+                                      "tie_band": {"band": [-1.0, 0.0], "count": 1, "removed": 1}},
+                   seconds=2.5, seconds_total=40.0, epochs={"train": 2, "finetune": 0, "resumed_from": 1})
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    page = build_report(folder).read_text()
+    assert f'<p class="decision">{html.escape(decision_sentence(metrics))}</p>' in page
+    # the run-time card counts the whole run, not only the resumed invocation
+    assert "40.0 s" in page and "this invocation 2.5 s, resumed at epoch 1" in page
+
+
+def test_layers_keep_network_order_through_netcdf(tmp_path):
+    """Twelve-module backbones have sites net.2 ... net.11: stored JSON sorts them as text."""
+    from bmrs_pyro.analysis import to_inference_data
+    from bmrs_pyro.analysis.sources import posteriors
+    from bmrs_pyro.analysis.inference_data import reductions_from_idata, site_table
+    from bmrs_pyro.guides import AutoTruncatedLogNormal
+    from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier
+    from bmrs_pyro.pruner import reduce
+
+    import arviz as az
+
+    layers, width = [torch.nn.Flatten()], 64
+    for w in (5, 4, 3, 6):
+        layers += [torch.nn.Linear(width, w), torch.nn.Tanh(), MultiplicativeNoise(w)]
+        width = w
+    model = NoisyClassifier(torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)))
+    guide = AutoTruncatedLogNormal(model)
+    guide(torch.zeros(2, 64), torch.zeros(2, dtype=torch.long))
+    order = list(guide.site_names)
+    assert order == ["net.3.theta", "net.6.theta", "net.9.theta", "net.12.theta"]
+    assert sorted(order) != order  # text order would differ
+    path = tmp_path / "idata.nc"
+    to_inference_data(model, guide, num_samples=5, reduction=reduce(model, guide, "bmrs_n")).to_netcdf(str(path))
+    idata = az.from_netcdf(str(path))
+    assert [m["site"] for m in site_table(idata).values()] == order
+    assert list(posteriors(idata)) == order
+    assert list(next(iter(reductions_from_idata(idata).values())).keep) == order
+
+
+def test_density_legends_are_readable():
+    _, guide = mixed_guide()
+    fig = plots.plot_reduction_densities(guide, SITES[0], [0, 5, 11])
+    for ax in visible_axes(fig):
+        assert all(t.get_fontsize() >= 9 for t in ax.get_legend().get_texts())

@@ -4,7 +4,7 @@ All six share one procedure: fit the noise model by SVI (:func:`bmrs_pyro.infer.
 :class:`~bmrs_pyro.guides.AutoTruncatedLogNormal` guide), then sweep the share of structures
 removed (``reduce(..., fraction=f)``, ranking by the criterion's score) into a post-training
 curve, each point evaluated in ``"mean"`` mode. The threshold-free criteria add their own
-decision as the stopping point: BMRS prunes where dF >= 0, SNR where SNR < 1.
+decision as the stopping point: BMRS prunes where dF >= -margin (1 nat), SNR where SNR < 1.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class NoiseCriterionMethod(PruningMethod):
     pruning; for a grid of fractions rank the structures by the criterion, mask the lowest
     ``fraction`` (globally for dF, SNR and E[theta], within each layer for L2, as
     :func:`bmrs_pyro.pruner.reduce` defaults), optionally fine-tune, and test. Stopping point:
-    the criterion's own rule (BMRS_N / BMRS_U: prune where dF >= 0; SNR: prune where SNR < 1);
+    the criterion's own rule (BMRS_N / BMRS_U: prune where dF >= -1, the default evidence margin;
+    SNR: prune where SNR < 1);
     E[theta] and L2 have none (``stop`` is None) unless ``stop_tolerance`` asks for the largest
     swept compression whose validation accuracy is within that many points of the unpruned one.
 
@@ -161,9 +162,16 @@ _SBP = ("Neklyudov, Molchanov, Ashukha & Vetrov, 'Structured Bayesian Pruning vi
 
 
 def noise_methods() -> dict[str, NoiseCriterionMethod]:
-    """The multiplicative-noise methods by name (bmrs_n_ref: BMRS_N as the authors' code computes dF)."""
+    """The multiplicative-noise methods by name.
+
+    The BMRS entries decide with the default evidence margin of 1 nat (prune where dF >= -1);
+    ``bmrs_n_strict`` is BMRS_N with margin 0 (the strict Bayes-factor rule dF >= 0) and
+    ``bmrs_n_ref`` the authors' public-code decisions (their dF lacks -0.5 log 2pi: margin 0.919).
+    """
     return {
         "bmrs_n": NoiseCriterionMethod("bmrs_n", "bmrs_n", _BMRS + " (BMRS_N)"),
+        "bmrs_n_strict": NoiseCriterionMethod("bmrs_n_strict", "bmrs_n", _BMRS + " (BMRS_N with margin 0, the strict "
+                                              "rule dF >= 0; for comparison)", {"margin": 0.0}),
         "bmrs_n_ref": NoiseCriterionMethod("bmrs_n_ref", "bmrs_n", _BMRS + " (BMRS_N with the authors' "
                                            "public-code dF, 0.919 nats higher; for comparison)",
                                            {"reference_code": True}),
