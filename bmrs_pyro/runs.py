@@ -230,7 +230,8 @@ class RunConfig:
         _nonneg_int("finetune_epochs", self.finetune_epochs)
         _nonneg_int("seed", self.seed)
         _nonneg_int("bits", self.bits)
-        check_bits(self.bits)
+        if self.method == "bmrs_u":
+            check_bits(self.bits)
         if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (_is_number(self.guide_lr) and self.guide_lr > 0 and math.isfinite(self.guide_lr)):
@@ -300,8 +301,8 @@ MAX_BITS = 28
 def check_bits(bits: Any) -> None:
     """``bits`` of BMRS_U must be an integer in 1 .. :data:`MAX_BITS` (ValueError otherwise)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer in 1..{MAX_BITS} (BMRS_U's reduced prior ends at 2^-bits, "
-                         f"inside the prior's range [e^-20, 1]), got {bits!r}")
+        raise ValueError(f"bits must be >= 1 and <= {MAX_BITS} (BMRS_U's reduced prior ends at 2^-bits, inside "
+                         f"the prior's range [e^-20, 1]), got {bits!r}")
 
 
 def _is_number(value: Any) -> bool:
