@@ -7,7 +7,10 @@ A checkpoint is one ``torch.save`` file holding
 - ``guide_state``: the guide's ``state_dict`` (loc and log-scale of every noise site);
 - ``param_store``: ``pyro.get_param_store().get_state()`` (bare ``pyro.param`` sites as well);
 - ``optimizer_state``, ``epoch`` (epochs completed), ``history``, ``config`` and ``extra``
-  (anything JSON- or torch-serialisable the caller wants back, e.g. a stage name).
+  (anything JSON- or torch-serialisable the caller wants back, e.g. a stage name);
+- ``rng_state`` (format version 2): every random state at the end of that epoch -- torch (CPU
+  and CUDA), NumPy, Python and the minibatch-order generator (:mod:`bmrs_pyro.rng`) -- so that a
+  resumed run draws what the uninterrupted one would have drawn.
 
 It is written atomically (a temporary file in the same folder, then :func:`os.replace`), so a
 crash while saving leaves the previous checkpoint intact.
