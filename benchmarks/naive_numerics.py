@@ -1,6 +1,6 @@
 """Fraction of non-finite values of the textbook formulas vs bmrs_pyro.distributions.
 
-The "naive" column evaluates DESIGN.md section 3 literally, as the public reference code does:
+The "naive" column evaluates the formulas of docs/design.md literally, as the public reference code does:
 Z = Phi(beta) - Phi(alpha) with plain cdf differences, in float32. The grid is the project's
 loc in [low-5, high+5] x log scale in [-20, 5] with low=-20, high=0 (1001 x 1001 by default).
 Prints JSON. Usage: python benchmarks/naive_numerics.py [n]

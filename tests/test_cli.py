@@ -30,7 +30,7 @@ def digits_test():
 
 
 def _e_theta(loc: np.ndarray, scale: np.ndarray, low: float = -20.0, high: float = 0.0) -> np.ndarray:
-    """E[theta] of a truncated log-normal by the closed form of DESIGN section 3 (scipy)."""
+    """E[theta] of a truncated log-normal by the closed form of docs/design.md (scipy)."""
     a, b = (low - loc) / scale, (high - loc) / scale
     z = norm.cdf(b) - norm.cdf(a)
     return np.exp(loc + scale**2 / 2) * (norm.cdf(b - scale) - norm.cdf(a - scale)) / z
