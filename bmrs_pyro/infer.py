@@ -12,6 +12,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -31,13 +32,17 @@ class History:
 
     ``elbo``: per epoch, the mean over its minibatches of the ELBO estimate (nats, on the scale
     of the whole training set). ``loss``: the negative ELBO of every step. ``events``: pruning
-    events and anything callbacks add. ``seconds``: wall time per epoch.
+    events, the end of a warm start and anything callbacks add. ``seconds``: wall time per epoch
+    (warm-start epochs included). ``warm_start``: per deterministic warm-start epoch of
+    :func:`fit` (theta = 1, no KL), the mean over its minibatches of the log likelihood on the
+    scale of the whole training set; ``elbo`` and ``loss`` only grow in SVI epochs.
     """
 
     elbo: list = field(default_factory=list)
     loss: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
     events: list = field(default_factory=list)
+    warm_start: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         last = f"{self.elbo[-1]:.4g}" if self.elbo else "n/a"
@@ -45,7 +50,7 @@ class History:
 
     def to_dict(self) -> dict:
         return {"elbo": list(self.elbo), "loss": list(self.loss), "seconds": list(self.seconds),
-                "events": list(self.events)}
+                "events": list(self.events), "warm_start": list(self.warm_start)}
 
 
 class ScaleObserved(Messenger):
@@ -202,6 +207,7 @@ def fit(
     start_epoch: int = 0,
     optimizer: Optional[torch.optim.Optimizer] = None,
     history: Optional[History] = None,
+    warm_start_epochs: int = 0,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
@@ -230,6 +236,16 @@ def fit(
         callbacks: each is called as ``callback(epoch, history, model, guide)`` after every
             epoch; returning ``True`` stops training.
         start_epoch, optimizer, history: to resume an interrupted run.
+        warm_start_epochs: the first ``warm_start_epochs`` of the ``epochs`` (counted inside
+            them, not added) train the deterministic twin of the network: every noise layer in
+            ``"off"`` mode (theta = 1), loss ``-(N/B) sum_batch log p(y_i | x_i, theta=1)``, no
+            KL term, the same Adam (the weights' group at ``lr``) whose state carries on into
+            the SVI epochs; the variational parameters are not touched (they start SVI at their
+            initial values), and no continuous-pruning step happens in these epochs (the
+            ``prune_every`` count starts after them). ``History.warm_start`` records them. The
+            model's only latent sites must be its noise layers. 0 (default): SVI from the start.
+            ``bmrs run`` and ``bmrs compare`` use a warm start by default (see the README's
+            "Training recipe").
 
     Raises:
         ValueError: bad arguments; :class:`TrainingDivergedError` (a ValueError) if the loss
@@ -246,6 +262,10 @@ def fit(
         raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
     if prune_every is not None:
         _check_positive("prune_every", prune_every, int)
+    if isinstance(warm_start_epochs, bool) or not isinstance(warm_start_epochs, int) or not (
+            0 <= warm_start_epochs <= epochs):
+        raise ValueError(f"warm_start_epochs must be an int in [0, epochs={epochs}] (the warm start is counted "
+                         f"inside epochs), got {warm_start_epochs!r}")
     train_data = _as_tensors(train_data, "train_data")
     if isinstance(model, torch.nn.Module):
         model.to(device)
@@ -268,15 +288,20 @@ def fit(
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             epoch_elbo = []
-            for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
+            if epoch < start_epoch + warm_start_epochs:
                 if params is None:
-                    # One traced pass creates the guide's parameters and finds bare pyro.param sites.
-                    with poutine.trace(param_only=True) as param_trace:
-                        minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
-                    params = _trainable(model, guide, param_trace.trace)
-                    if optimizer is None:
-                        optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
-                    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
+                    params, optimizer, frozen = _setup_training(model, guide, train_data, batch_size, n, elbo, lr,
+                                                                guide_lr, optimizer, device)
+                _deterministic_epoch(model, train_data, batch_size, n, optimizer, generator, device, epoch, history)
+                bar.update(num_batches)
+                if epoch + 1 == start_epoch + warm_start_epochs:
+                    history.events.append({"epoch": epoch, "event": "warm_start_end",
+                                           "epochs": warm_start_epochs})
+            for x, y in ([] if epoch < start_epoch + warm_start_epochs else
+                         iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device)):
+                if params is None:
+                    params, optimizer, frozen = _setup_training(model, guide, (x, y), batch_size, n, elbo, lr,
+                                                                guide_lr, optimizer, device)
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
@@ -295,10 +320,13 @@ def fit(
                 epoch_elbo.append(-value)
                 step += 1
                 bar.update(1)
-            history.elbo.append(sum(epoch_elbo) / max(len(epoch_elbo), 1))
+            if epoch_elbo:
+                history.elbo.append(sum(epoch_elbo) / len(epoch_elbo))
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
             history.seconds.append(time.perf_counter() - t0)
-            bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
-            if prune_every is not None and (epoch + 1 - start_epoch) % prune_every == 0:
+            # No continuous pruning in the deterministic warm start: the posteriors have not moved.
+            svi_epochs_done = epoch + 1 - start_epoch - warm_start_epochs
+            if prune_every is not None and svi_epochs_done > 0 and svi_epochs_done % prune_every == 0:
                 frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history)
             stop = False
             for callback in callbacks:
@@ -309,6 +337,60 @@ def fit(
         bar.close()
     history.optimizer = optimizer  # type: ignore[attr-defined]
     return history
+
+
+def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float, guide_lr, optimizer, device):
+    """Create the guide's parameters (one traced pass on the first batch of ``data``), the list of
+    trainable parameters, the optimizer (unless given) and the frozen values of masked structures."""
+    x, y = next(iter(iterate_batches(data, batch_size, shuffle=False, device=device)))
+    # One traced pass creates the guide's parameters and finds bare pyro.param sites.
+    with poutine.trace(param_only=True) as param_trace:
+        minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+    params = _trainable(model, guide, param_trace.trace)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
+    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
+    return params, optimizer, frozen
+
+
+def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dataset_size: int) -> torch.Tensor:
+    """``-(N/B) sum_batch log p(y_i | x_i, theta = 1)``: the warm-start loss of :func:`fit`.
+
+    Every noise layer of ``model`` is put in ``"off"`` mode (theta = 1 times its mask) for the
+    pass, so no noise site is sampled and there is no KL term. Raises ValueError if the model
+    has another latent sample site (e.g. Bayesian weights), which a deterministic pass cannot
+    handle.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("a deterministic warm start needs the model to be a torch.nn.Module with noise layers")
+    with noise_mode(model, "off"):
+        trace = poutine.trace(model).get_trace(x, y)
+    latent = [name for name in trace.stochastic_nodes if not site_is_subsample(trace.nodes[name])]
+    if latent:
+        raise ValueError(f"a deterministic warm start needs the noise layers to be the only latent sites; "
+                         f"the model also samples {latent}")
+    log_lik = trace.log_prob_sum(site_filter=lambda name, site: site["is_observed"])
+    return -(dataset_size / x.shape[0]) * log_lik
+
+
+def _deterministic_epoch(model, train_data, batch_size: int, n: int, optimizer, generator, device, epoch: int,
+                         history: History) -> None:
+    """One warm-start epoch of :func:`fit`: the network with theta = 1, no KL, the guide untouched.
+
+    Only the model's parameters receive gradients; Adam skips the variational parameters, whose
+    gradients stay None. Appends the epoch's mean log likelihood to ``history.warm_start``.
+    """
+    log_liks = []
+    for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = deterministic_loss(model, x, y, dataset_size=n)
+        if not torch.isfinite(loss_value):
+            raise TrainingDivergedError(f"warm-start epoch {epoch}: the loss is {loss_value.item()} "
+                                        "(check the learning rate and the data for NaN/inf)")
+        loss_value.backward()
+        optimizer.step()
+        log_liks.append(-loss_value.item())
+    history.warm_start.append(sum(log_liks) / max(len(log_liks), 1))
 
 
 def _prune(model, guide, method: str, options: dict, epoch: int, history: History) -> dict:
