@@ -129,7 +129,11 @@ class MultiplicativeNoise(PyroModule):
             if self.noise == "example":
                 stack.enter_context(IndepMessenger(f"{self.site_name}.examples", batch_size, dim=-2))
             stack.enter_context(IndepMessenger(f"{self.site_name}.structures", self.num_structures, dim=-1))
-            stack.enter_context(poutine.scale(scale=self.kl_scale(batch_size)))
+            scale = self.kl_scale(batch_size)
+            if scale > 0:
+                stack.enter_context(poutine.scale(scale=scale))
+            else:  # kl_weight = 0: no KL term (poutine.scale rejects 0); the sample still flows
+                stack.enter_context(poutine.mask(mask=False))
             if not bool(self.mask.all()):
                 stack.enter_context(poutine.mask(mask=self.mask.bool()))
             yield
