@@ -22,6 +22,22 @@ from .nn import noise_mode, noise_modules, set_kl_weight
 Data = Union[tuple, DataLoader]
 
 
+#: The training recipe's default (issue 11): the share of the epoch budget that ``bmrs run``,
+#: ``bmrs compare`` and ``make results`` spend on the deterministic warm start of :func:`fit`
+#: before SVI. :func:`fit` itself defaults to no warm start.
+WARM_START_FRACTION = 0.5
+
+
+def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) -> int:
+    """The warm-start epochs of a budget: ``round(fraction * epochs)``, at most ``epochs - 1`` so
+    that at least one SVI epoch remains (0 for ``fraction`` 0). Raises ValueError unless
+    ``0 <= fraction < 1``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"the warm-start fraction must be in [0, 1), got {fraction!r}")
+    _check_positive("epochs", epochs, int)
+    return min(int(round(fraction * epochs)), epochs - 1)
+
+
 class TrainingDivergedError(ValueError):
     """Raised when the loss or a parameter becomes NaN or infinite during training."""
 

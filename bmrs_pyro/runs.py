@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pyro
 import torch
 
-from .infer import History, evaluate, fit
+from .infer import History, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
 
 CONFIG_FILE = "config.json"
@@ -161,9 +161,12 @@ def parse_hidden(text: str | Sequence[int]) -> tuple[int, ...]:
 class RunConfig:
     """Every option of a run. ``config.json`` holds :meth:`to_dict` of the resolved config.
 
-    ``prune_every=None`` and ``name=None`` are resolved by :meth:`resolved`: continuous pruning
-    every :data:`DEFAULT_PRUNE_EVERY` epochs for a threshold-free method without ``fraction``
-    (else 0, post-training only), and ``<data>-<model>-<method>-<timestamp>``.
+    ``prune_every=None``, ``warm_start_epochs=None`` and ``name=None`` are resolved by
+    :meth:`resolved`: continuous pruning every :data:`DEFAULT_PRUNE_EVERY` epochs for a
+    threshold-free method without ``fraction`` (else 0, post-training only); a deterministic warm
+    start of :data:`bmrs_pyro.infer.WARM_START_FRACTION` of ``epochs`` (the training recipe, see
+    :func:`bmrs_pyro.infer.fit`; counted inside ``epochs``; continuous pruning starts after it);
+    and ``<data>-<model>-<method>-<timestamp>``.
     """
 
     data: str = "digits"
@@ -182,6 +185,7 @@ class RunConfig:
     kl_weight: float = 1.0
     prune_every: Optional[int] = None
     finetune_epochs: int = 10
+    warm_start_epochs: Optional[int] = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -197,6 +201,8 @@ class RunConfig:
         cfg = dataclasses.replace(self)
         if cfg.prune_every is None:
             cfg.prune_every = DEFAULT_PRUNE_EVERY if (_has_rule(cfg.method) and cfg.fraction is None) else 0
+        if cfg.warm_start_epochs is None and _is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
+            cfg.warm_start_epochs = warm_start_epochs_for(int(cfg.epochs))  # bad epochs: validate() says so
         if cfg.model != "mlp":
             cfg.hidden = None
         elif cfg.hidden is not None:
@@ -237,6 +243,11 @@ class RunConfig:
             raise ValueError(f"fraction must be in [0, 1] (the share of structures to remove), got {self.fraction!r}")
         if self.prune_every is not None:
             _nonneg_int("prune_every", self.prune_every)
+        if self.warm_start_epochs is not None:
+            _nonneg_int("warm_start_epochs", self.warm_start_epochs)
+            if self.warm_start_epochs > self.epochs:
+                raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) is counted inside epochs "
+                                 f"({self.epochs}) and cannot exceed it")
         if not _has_rule(self.method) and self.fraction is None:
             raise ValueError(
                 f"method {self.method!r} ranks structures but has no threshold: pass --fraction <share to remove>, "
@@ -494,9 +505,11 @@ def train(
 ) -> History:
     """Train ``exp`` from ``start_epoch`` to ``config.epochs`` with continuous pruning.
 
-    Pruning happens after every epoch ``e`` with ``(e + 1) % prune_every == 0`` counted from the
-    start of training, also across a resume (the first segment after a resume runs up to the
-    next such epoch). A checkpoint is written to ``checkpoint`` after every epoch.
+    The first ``warm_start_epochs`` epochs train the deterministic twin (theta = 1, no KL; see
+    :func:`bmrs_pyro.infer.fit`). Pruning happens after every epoch ``e`` with
+    ``(e + 1 - warm_start_epochs) % prune_every == 0`` after the warm start, also across a resume
+    (the first segment after a resume runs up to the next such epoch). A checkpoint is written to
+    ``checkpoint`` after every epoch.
     """
     cfg = exp.config
     remaining = cfg.epochs - start_epoch
@@ -505,12 +518,14 @@ def train(
     if start_epoch:
         hold_pruned(exp)
     callback = _checkpoint_callback(exp, checkpoint)
+    warm = cfg.warm_start_epochs if cfg.warm_start_epochs is not None else warm_start_epochs_for(cfg.epochs)
     epoch = start_epoch
     while epoch < cfg.epochs:
         pe = cfg.prune_every or 0
-        if pe and epoch % pe:
+        svi_done = epoch - warm  # SVI epochs before this one (negative inside the warm start)
+        if pe and svi_done > 0 and svi_done % pe:
             # Resumed between two pruning steps: run up to the next one, pruning there if reached.
-            to_boundary = pe - epoch % pe
+            to_boundary = pe - svi_done % pe
             chunk = min(cfg.epochs - epoch, to_boundary)
             prune_every = chunk if chunk == to_boundary else None
         else:
@@ -518,7 +533,8 @@ def train(
         fit(exp.model, exp.guide, exp.data.train, epochs=chunk, batch_size=cfg.batch_size, lr=cfg.lr,
             kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
             prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
-            progress=progress, start_epoch=epoch, optimizer=exp.optimizer, history=exp.history)
+            progress=progress, start_epoch=epoch, optimizer=exp.optimizer, history=exp.history,
+            warm_start_epochs=min(chunk, max(0, warm - epoch)))
         epoch += chunk
     return exp.history
 
@@ -782,7 +798,9 @@ def _execute(config: RunConfig, *, run_dir: Optional[Path], resume: bool, log: L
     if start < config.epochs:
         mode = (f"continuous {config.method} pruning every {config.prune_every} epochs" if config.prune_every
                 else "post-training pruning")
-        log(f"training {config.epochs - start} epochs ({mode}, kl_weight={config.kl_weight:g})")
+        warm = max(0, (config.warm_start_epochs or 0) - start)
+        warm_note = f"the first {warm} deterministic (theta = 1), then SVI; " if warm else ""
+        log(f"training {config.epochs - start} epochs ({warm_note}{mode}, kl_weight={config.kl_weight:g})")
         train(exp, start_epoch=start, checkpoint=ckpt, progress=progress)
     # "Before": the trained network as it stands before the final reduction and fine-tuning, with
     # every mask set to 1 (structures removed by continuous pruning switched back on).
@@ -809,6 +827,7 @@ def _execute(config: RunConfig, *, run_dir: Optional[Path], resume: bool, log: L
     compacted, part = compaction_summary(exp)
     metrics.update(part)
     metrics["elbo"] = list(exp.history.elbo)
+    metrics["warm_start"] = list(exp.history.warm_start)  # log likelihood per warm-start epoch
     metrics["pruning_events"] = [
         {"epoch": e["epoch"], "kept": sum(e["kept"].values())} for e in exp.history.events if e.get("event") == "prune"
     ]

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ..criteria import get_criterion
 from ..guides import AutoTruncatedLogNormal
-from ..infer import evaluate, fit
+from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
 from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
@@ -60,8 +60,8 @@ class NoiseCriterionMethod(PruningMethod):
 
     # guide_lr: the variational parameters need a larger Adam rate than the weights to converge
     # in a small budget (see bmrs_pyro.infer.fit).
-    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "fraction_step": 0.1, "fractions": None, "stop_tolerance": None,
-                "criterion_options": None}
+    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "warm_start": WARM_START_FRACTION, "fraction_step": 0.1,
+                "fractions": None, "stop_tolerance": None, "criterion_options": None}
 
     def __init__(self, name: str, criterion: str, cite: str, criterion_options: Optional[dict] = None,
                  lr: float = 1e-3) -> None:
@@ -87,7 +87,11 @@ class NoiseCriterionMethod(PruningMethod):
         guide = AutoTruncatedLogNormal(model)
         train_options = dict(batch_size=budget.batch_size, lr=budget.lr_or(self.lr), guide_lr=float(options["guide_lr"]),
                              kl_weight=float(options["kl_weight"]), progress=False)
-        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
+        # The warm start is counted inside budget.epochs (the same budget as every other method);
+        # the fine-tuning fits of the sweep (train_options) are SVI only.
+        warm = warm_start_epochs_for(budget.epochs, float(options["warm_start"]))
+        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, warm_start_epochs=warm,
+                      **train_options)
         return FittedNoiseModel(
             model=model, guide=guide, history=history, train_options=train_options,
             num_structures=sum(layer.num_structures for layer in layers.values()),
