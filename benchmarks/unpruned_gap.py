@@ -47,6 +47,7 @@ RECIPES = {"old": OLD, "new": {"options": {}, "lr": None}}
 def _make_results():
     spec = importlib.util.spec_from_file_location("make_results", ROOT / "scripts" / "make_results.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["make_results"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -304,7 +304,8 @@ def fit(
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             epoch_elbo = []
-            if epoch < start_epoch + warm_start_epochs:
+            in_warm_start = epoch < start_epoch + warm_start_epochs
+            if in_warm_start:  # the deterministic twin (see _deterministic_epoch); no SVI step below
                 if params is None:
                     params, optimizer, frozen = _setup_training(model, guide, train_data, batch_size, n, elbo, lr,
                                                                 guide_lr, optimizer, device)
@@ -313,8 +314,9 @@ def fit(
                 if epoch + 1 == start_epoch + warm_start_epochs:
                     history.events.append({"epoch": epoch, "event": "warm_start_end",
                                            "epochs": warm_start_epochs})
-            for x, y in ([] if epoch < start_epoch + warm_start_epochs else
-                         iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device)):
+            svi_batches = () if in_warm_start else iterate_batches(train_data, batch_size, shuffle=True,
+                                                                   generator=generator, device=device)
+            for x, y in svi_batches:
                 if params is None:
                     params, optimizer, frozen = _setup_training(model, guide, (x, y), batch_size, n, elbo, lr,
                                                                 guide_lr, optimizer, device)
