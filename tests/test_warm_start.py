@@ -175,3 +175,80 @@ def test_history_round_trips_the_warm_start():
     again = history_from_dict(history.to_dict())
     assert again.warm_start == [-5.0, -4.0] and again.elbo == [-3.0]
     assert math.isclose(sum(again.seconds), 0.3)
+
+
+# ---------------------------------------------------------------- the recipe in the noise criteria
+
+
+def test_warm_start_epochs_for():
+    from bmrs_pyro.infer import WARM_START_FRACTION, warm_start_epochs_for
+
+    assert warm_start_epochs_for(80) == round(80 * WARM_START_FRACTION)
+    assert warm_start_epochs_for(80, 0.0) == 0 and warm_start_epochs_for(81, 0.5) == 40
+    assert warm_start_epochs_for(2, 0.9) == 1  # at least one SVI epoch
+    for bad in (-0.1, 1.0, True, "half"):
+        with pytest.raises(ValueError, match="warm-start fraction"):
+            warm_start_epochs_for(10, bad)
+
+
+def test_noise_criteria_warm_start_by_default_inside_the_budget():
+    from bmrs_pyro.baselines import METHODS
+    from bmrs_pyro.baselines.common import Budget
+    from bmrs_pyro.data import load
+    from bmrs_pyro.infer import WARM_START_FRACTION
+    from bmrs_pyro.models import mlp
+
+    data = load("digits", seed=1, subset=240)
+    method = METHODS["bmrs_n"]
+    assert method.defaults["warm_start"] == WARM_START_FRACTION
+    budget = Budget(epochs=4, finetune_epochs=0)
+    fitted = method.fit_noise_model(lambda: mlp(64, 10, hidden=(10,)), data, 0, budget, method.check_options({}))
+    assert len(fitted.history.warm_start) == 2 and len(fitted.history.elbo) == 2
+    fitted = method.fit_noise_model(lambda: mlp(64, 10, hidden=(10,)), data, 0, budget,
+                                    method.check_options({"warm_start": 0.0}))
+    assert fitted.history.warm_start == [] and len(fitted.history.elbo) == 4
+
+
+def test_shared_fit_refuses_methods_with_different_warm_starts():
+    from bmrs_pyro.compare import iter_noise_methods
+    from bmrs_pyro.data import load
+    from bmrs_pyro.models import mlp
+
+    data = load("digits", seed=1, subset=240)
+    with pytest.raises(ValueError, match="warm_start"):
+        next(iter_noise_methods(["bmrs_n", "snr"], lambda: mlp(64, 10, hidden=(6,)), data,
+                                budget={"epochs": 2}, options={"snr": {"warm_start": 0.0}}))
+
+
+@pytest.mark.slow
+def test_recipe_beats_svi_from_scratch_on_mnist1d():
+    """The default recipe against the pre-issue-11 training, same budget, same code path (~25 s)."""
+    from bmrs_pyro.baselines import METHODS
+    from bmrs_pyro.baselines.common import Budget
+    from bmrs_pyro.data import load
+    from bmrs_pyro.models import mlp
+
+    torch.set_num_threads(1)
+    data = load("mnist1d", seed=0)
+    method = METHODS["bmrs_n"]
+    budget = Budget(epochs=16, batch_size=64, finetune_epochs=0)
+    scores = {}
+    for name, options in (("old", {"warm_start": 0.0}), ("recipe", {})):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        fitted = method.fit_noise_model(lambda: mlp(40, 10, hidden=(100, 100)), data, 0, budget,
+                                        method.check_options(options))
+        scores[name] = (fitted.unpruned_val, fitted.unpruned_test)
+    assert scores["recipe"][0] > scores["old"][0] + 0.02, scores
+    assert scores["recipe"][1] > scores["old"][1] + 0.02, scores
+
+
+def test_compare_passes_warm_start_to_the_noise_criteria_only():
+    from bmrs_pyro.compare import CompareConfig
+
+    config = CompareConfig(methods=("bmrs_n", "iap"), warm_start=0.25, name="x")
+    assert config.method_options("bmrs_n")["warm_start"] == 0.25
+    assert "warm_start" not in config.method_options("iap")
+    assert "warm_start" not in CompareConfig(methods=("bmrs_n",), name="x").method_options("bmrs_n")
+    with pytest.raises(ValueError, match="warm_start"):
+        CompareConfig(methods=("bmrs_n",), warm_start=1.0, name="x")
