@@ -252,3 +252,23 @@ def test_compare_passes_warm_start_to_the_noise_criteria_only():
     assert "warm_start" not in CompareConfig(methods=("bmrs_n",), name="x").method_options("bmrs_n")
     with pytest.raises(ValueError, match="warm_start"):
         CompareConfig(methods=("bmrs_n",), warm_start=1.0, name="x")
+
+
+def test_kl_weight_zero_drops_exactly_the_kl(noisy_mlp):
+    """kl_weight=0 (allowed by fit) used to crash in poutine.scale; now the KL term is just absent."""
+    from torch.distributions import kl_divergence
+
+    from bmrs_pyro.distributions import LogUniform
+
+    x, y = _data(n=16)
+    model = noisy_mlp((5, 4, 3))
+    guide = AutoTruncatedLogNormal(model)
+    losses = {}
+    for weight in (0.0, 1.0):
+        pyro.set_rng_seed(11)
+        losses[weight] = minibatch_loss(model, guide, x, y, dataset_size=16, kl_weight=weight)
+    kl = sum(kl_divergence(guide.posterior(s), LogUniform(-20.0, 0.0)).sum() for s in guide.site_names)
+    assert torch.allclose(losses[1.0] - losses[0.0], kl, rtol=1e-4)
+    assert float(kl) > 1.0  # the difference is not vacuous
+    hist = fit(model, guide, (x, y), epochs=1, batch_size=8, kl_weight=0.0, progress=False)
+    assert len(hist.elbo) == 1 and math.isfinite(hist.elbo[0])
