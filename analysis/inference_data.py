@@ -261,11 +261,13 @@ def _history_dataset(history: Any) -> xr.Dataset:
     if isinstance(history, Mapping):
         elbo, loss = history.get("elbo"), history.get("loss", [])
         seconds, events = history.get("seconds", []), history.get("events", [])
+        warm = history.get("warm_start", [])
     elif hasattr(history, "elbo"):
         elbo, loss = history.elbo, getattr(history, "loss", [])
         seconds, events = getattr(history, "seconds", []), getattr(history, "events", [])
+        warm = getattr(history, "warm_start", [])
     else:
-        elbo, loss, seconds, events = history, [], [], []
+        elbo, loss, seconds, events, warm = history, [], [], [], []
     try:
         elbo = np.asarray(list(elbo), dtype=float)
     except (TypeError, ValueError):
@@ -282,7 +284,8 @@ def _history_dataset(history: Any) -> xr.Dataset:
     if loss.size:
         variables["loss"] = ("step", loss)
         coords["step"] = np.arange(loss.size)
-    return xr.Dataset(variables, coords=coords, attrs={"events": _json(list(events))})
+    return xr.Dataset(variables, coords=coords,
+                      attrs={"events": _json(list(events)), "warm_start": _json([float(v) for v in warm or []])})
 
 
 def to_inference_data(
@@ -436,7 +439,8 @@ def reductions_from_idata(idata: az.InferenceData) -> dict[str, SavedReduction]:
 
 
 def history_from_idata(idata: az.InferenceData) -> Optional[dict]:
-    """``{"elbo", "seconds", "loss", "events"}`` from the ``training`` group, or None if absent."""
+    """``{"elbo", "seconds", "loss", "events", "warm_start"}`` from the ``training`` group, or None
+    if absent (``warm_start``: the log likelihood per deterministic warm-start epoch)."""
     if TRAINING_GROUP not in idata.groups():
         return None
     ds = idata[TRAINING_GROUP]
@@ -445,6 +449,7 @@ def history_from_idata(idata: az.InferenceData) -> Optional[dict]:
         "seconds": ds["seconds"].values.tolist() if "seconds" in ds else [],
         "loss": ds["loss"].values.tolist() if "loss" in ds else [],
         "events": json.loads(ds.attrs.get("events", "[]")),
+        "warm_start": json.loads(ds.attrs.get("warm_start", "[]")),
     }
 
 

@@ -414,6 +414,17 @@ def _history_parts(history: Any) -> tuple[np.ndarray, list]:
     return elbo, list(events or [])
 
 
+def _warm_start_part(history: Any, events: list) -> np.ndarray:
+    """Log likelihood per deterministic warm-start epoch (empty without one)."""
+    values = history.get("warm_start") if isinstance(history, Mapping) else getattr(history, "warm_start", None)
+    values = np.asarray(list(values or []), dtype=float)
+    if values.size == 0:  # only the event survived: the length of the warm start, no values
+        ends = [e for e in events if isinstance(e, Mapping) and e.get("event") == "warm_start_end"]
+        if ends:
+            values = np.full(int(ends[-1].get("epochs", int(ends[-1]["epoch"]) + 1)), np.nan)
+    return values
+
+
 def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     """ELBO per epoch, with the share of structures kept after each continuous-pruning step.
 
@@ -421,22 +432,43 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     list of floats or inference data with a ``training`` group. Reductions (``"prune"`` events)
     are drawn as a step line of the structures kept (%, right axis) rather than one line each;
     a resume (``"resume"`` event) and the start of fine-tuning (``"finetune"`` event, or
-    ``train_epochs``) are marked with labelled vertical lines. The y range follows the ELBO
-    after the first epochs (the first ones are far below and would flatten the rest); what it
-    leaves out is said in the title.
+    ``train_epochs``) are marked with labelled vertical lines. A deterministic warm start
+    (``history.warm_start``: theta = 1, no KL) comes first on the epoch axis, its log
+    likelihood drawn dashed. The y range follows the ELBO after the first epochs (the first
+    ones are far below and would flatten the rest); what it leaves out is said in the title.
     """
+    raw = history
+    if not isinstance(raw, (Mapping, list, tuple, np.ndarray)) and not hasattr(raw, "elbo"):
+        import arviz as az
+
+        if isinstance(raw, az.InferenceData):
+            from .inference_data import history_from_idata
+
+            raw = history_from_idata(raw) or {}
     elbo, events = _history_parts(history)
+    warm = _warm_start_part(raw, events)
     fig, axes = _figure(1, row_height=3.6)
     ax = axes[0, 0]
-    epochs = np.arange(1, elbo.size + 1)
+    epochs = np.arange(1, elbo.size + 1) + warm.size
     ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5,
             label="ELBO")
+    if warm.size:
+        if np.isfinite(warm).any():
+            ax.plot(np.arange(1, warm.size + 1), warm, color=NEUTRAL, linestyle="--", linewidth=1.4,
+                    label=r"log likelihood, deterministic warm start ($\theta$ = 1, no KL)")
+        ax.axvspan(0.5, warm.size + 0.5, color=NEUTRAL, alpha=0.10)
+        ax.annotate("warm start", (warm.size / 2 + 0.5, 0.03), xycoords=("data", "axes fraction"),
+                    fontsize=8, ha="center", va="bottom", color=OKABE_ITO["black"])
     title = "Training ELBO per epoch"
+    total = elbo.size + warm.size
     finite = elbo[np.isfinite(elbo)]
     if finite.size >= 5:
         skip = max(1, elbo.size // 10)
         tail = elbo[skip:][np.isfinite(elbo[skip:])]
-        low, high = float(tail.min()), float(tail.max())
+        warm_tail = warm[max(1, warm.size // 10):]
+        warm_tail = warm_tail[np.isfinite(warm_tail)]
+        low = float(min(tail.min(), warm_tail.min())) if warm_tail.size else float(tail.min())
+        high = float(max(tail.max(), warm_tail.max())) if warm_tail.size else float(tail.max())
         span = max(high - low, 1e-9)
         bottom = low - 0.08 * span
         ax.set_ylim(bottom, high + 0.08 * span)
@@ -448,7 +480,7 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     handles, labels = ax.get_legend_handles_labels()
     if prunes:
         twin = ax.twinx()
-        xs = [0.5] + [int(e["epoch"]) + 1 for e in prunes] + [elbo.size + 0.5]
+        xs = [0.5] + [int(e["epoch"]) + 1 for e in prunes] + [total + 0.5]
         kept = [100.0] + [100.0 * (1.0 - float(e["fraction_removed"])) for e in prunes]
         kept.append(kept[-1])
         twin.step(xs, kept, where="post", color=PRUNED, linewidth=1.4)
@@ -463,7 +495,7 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     finetune_at = next((int(e["epoch"]) for e in marks if e.get("event") == "finetune"), train_epochs)
     for at, text, style in ([(int(e["epoch"]), "resumed", ":") for e in marks if e.get("event") == "resume"]
                             + ([(finetune_at, "fine-tuning (masks frozen)", "--")]
-                               if finetune_at is not None and 0 < finetune_at < elbo.size else [])):
+                               if finetune_at is not None and 0 < finetune_at < total else [])):
         line = ax.axvline(at + 0.5, color=NEUTRAL, linestyle=style, linewidth=1.2)
         ax.annotate(text, (at + 0.5, 0.97), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
                     color=OKABE_ITO["black"], ha="right", va="top")
@@ -471,7 +503,7 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
             handles, labels = handles + [line], labels + [text]
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats)")
-    ax.set_xlim(0.5, elbo.size + 0.5)
+    ax.set_xlim(0.5, total + 0.5)
     fig.suptitle(title, fontsize=10)
     ax.legend(handles, labels, loc="lower right", fontsize=8, framealpha=0.9)
     ax.grid(alpha=0.3)

@@ -47,14 +47,14 @@ def _history_dict(history: Any) -> Optional[dict]:
     if isinstance(history, History):
         return history.to_dict()
     if isinstance(history, dict):
-        return {k: list(history.get(k, [])) for k in ("elbo", "loss", "seconds", "events")}
+        return {k: list(history.get(k, [])) for k in ("elbo", "loss", "seconds", "events", "warm_start")}
     raise ValueError(f"history must be a bmrs_pyro.infer.History or a dict, got {type(history).__name__}")
 
 
 def history_from_dict(data: Optional[dict]) -> History:
     """A :class:`~bmrs_pyro.infer.History` rebuilt from ``History.to_dict()`` output (empty if None)."""
     history = History()
-    for key in ("elbo", "loss", "seconds", "events"):
+    for key in ("elbo", "loss", "seconds", "events", "warm_start"):
         getattr(history, key).extend(list((data or {}).get(key, [])))
     return history
 

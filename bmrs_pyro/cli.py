@@ -183,6 +183,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="weight of the KL term; 1 is the true ELBO")
     g.add_argument("--finetune-epochs", type=_nonneg_int, default=default(d.finetune_epochs),
                    help="epochs of training after the final reduction, masks frozen")
+    g.add_argument("--warm-start-epochs", type=_nonneg_int, default=default(d.warm_start_epochs),
+                   help="of the --epochs, how many first train the deterministic network (theta = 1, no KL) "
+                        "before SVI; counted inside --epochs. None: half of --epochs (the training recipe)")
     g.add_argument("--seed", type=_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
     g.add_argument("--threads", type=_positive_int, default=default(d.threads),

@@ -125,7 +125,9 @@ class CompareConfig:
 
     ``methods``: registry names (:func:`resolve_methods`); ``seeds``: K, seeds 0..K-1;
     ``epochs`` .. ``lr``: the :class:`~bmrs_pyro.baselines.Budget` every method gets;
-    ``fraction_step``: grid of the swept methods (noise criteria, RNI); ``hidden`` and
+    ``fraction_step``: grid of the swept methods (noise criteria, RNI); ``warm_start``: share of
+    ``epochs`` the noise criteria train deterministically before SVI (None: their default,
+    :data:`bmrs_pyro.infer.WARM_START_FRACTION`; counted inside ``epochs``); ``hidden`` and
     ``activation``: the mlp's; ``data_options``: passed to :func:`bmrs_pyro.data.load`
     (e.g. ``{"subset": 500}``); ``workers``: processes run in parallel (each with ``threads`` torch
     threads); ``overwrite``: replace an existing comparison folder.
@@ -143,6 +145,7 @@ class CompareConfig:
     batch_size: int = Budget.batch_size
     lr: Optional[float] = Budget.lr
     fraction_step: float = 0.1
+    warm_start: Optional[float] = None
     hidden: Optional[tuple[int, ...]] = (100, 100)
     activation: str = "tanh"
     data_options: dict = field(default_factory=dict)
@@ -166,6 +169,10 @@ class CompareConfig:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if not 0 < self.fraction_step <= 1:
             raise ValueError(f"fraction_step must be in (0, 1], got {self.fraction_step!r}")
+        if self.warm_start is not None and (isinstance(self.warm_start, bool)
+                                            or not isinstance(self.warm_start, (int, float))
+                                            or not 0 <= self.warm_start < 1):
+            raise ValueError(f"warm_start must be a share of the epochs in [0, 1) or None, got {self.warm_start!r}")
         self.budget()  # validates epochs, rounds, batch size and lr
 
     def budget(self) -> Budget:
@@ -178,8 +185,13 @@ class CompareConfig:
         return {"hidden": self.hidden, "activation": self.activation} if self.model == "mlp" else {}
 
     def method_options(self, name: str) -> dict:
-        """The options this comparison passes to method ``name`` (the sweep grid where it has one)."""
-        return {"fraction_step": self.fraction_step} if "fraction_step" in get_method(name).defaults else {}
+        """The options this comparison passes to method ``name`` (the sweep grid and the warm start
+        where it has them)."""
+        defaults = get_method(name).defaults
+        options = {"fraction_step": self.fraction_step} if "fraction_step" in defaults else {}
+        if self.warm_start is not None and "warm_start" in defaults:
+            options["warm_start"] = float(self.warm_start)
+        return options
 
     def to_dict(self) -> dict:
         """JSON-friendly settings."""
@@ -258,7 +270,7 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
     before asking for the next one. ``wall_time`` = fit + that method's own sweep.
 
     Raises ValueError if a name is not a noise criterion, or the methods would train differently
-    (learning rate or ``kl_weight``).
+    (learning rate, ``kl_weight``, ``guide_lr`` or ``warm_start``).
     """
     methods = [get_method(n) for n in names]
     for m in methods:
@@ -266,10 +278,10 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
             raise ValueError(f"{m.name} is not a multiplicative-noise criterion; run it with METHODS[{m.name!r}].run")
     budget = Budget.coerce(budget)
     opts = {m.name: m.check_options(dict((options or {}).get(m.name, {}))) for m in methods}
-    training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"]), float(opts[m.name]["guide_lr"]))
-                for m in methods}
+    training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"]), float(opts[m.name]["guide_lr"]),
+                 float(opts[m.name]["warm_start"])) for m in methods}
     if len(training) > 1:
-        raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr) {sorted(training)}; "
+        raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr, warm_start) {sorted(training)}; "
                          "run them apart")
     start = time.perf_counter()
     with pyro.get_param_store().scope():
@@ -952,6 +964,9 @@ def add_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
                    help=f"minibatch size ({d['batch_size'].default})")
     g.add_argument("--lr", type=float, default=argparse.SUPPRESS,
                    help="learning rate of the weights (default: each method's own)")
+    g.add_argument("--warm-start", type=float, default=argparse.SUPPRESS,
+                   help="noise criteria: share of --epochs trained deterministically (theta = 1) before SVI, "
+                        "counted inside --epochs; 0 = SVI from the start (default: 0.5, the training recipe)")
     g.add_argument("--quick", action="store_true",
                    help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in _QUICK.items())}")
     g = p.add_argument_group("running and output")
@@ -969,7 +984,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
     given = vars(args)
     budget = {k: given[k] for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
-                                    "batch_size", "lr") if k in given}
+                                    "batch_size", "lr", "warm_start") if k in given}
     values = dict(_QUICK) if args.quick else {}
     subset = given.get("subset", values.pop("subset", None))
     values.pop("subset", None)

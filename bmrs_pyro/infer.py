@@ -12,6 +12,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -28,6 +29,22 @@ Data = Union[tuple, DataLoader]
 DEFAULT_PRUNE_WARMUP = 0.25
 
 
+#: The training recipe's default (issue 11): the share of the epoch budget that ``bmrs run``,
+#: ``bmrs compare`` and ``make results`` spend on the deterministic warm start of :func:`fit`
+#: before SVI. :func:`fit` itself defaults to no warm start.
+WARM_START_FRACTION = 0.5
+
+
+def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) -> int:
+    """The warm-start epochs of a budget: ``round(fraction * epochs)``, at most ``epochs - 1`` so
+    that at least one SVI epoch remains (0 for ``fraction`` 0). Raises ValueError unless
+    ``0 <= fraction < 1``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"the warm-start fraction must be in [0, 1), got {fraction!r}")
+    _check_positive("epochs", epochs, int)
+    return min(int(round(fraction * epochs)), epochs - 1)
+
+
 class TrainingDivergedError(ValueError):
     """Raised when the loss or a parameter becomes NaN or infinite during training."""
 
@@ -38,13 +55,17 @@ class History:
 
     ``elbo``: per epoch, the mean over its minibatches of the ELBO estimate (nats, on the scale
     of the whole training set). ``loss``: the negative ELBO of every step. ``events``: pruning
-    events and anything callbacks add. ``seconds``: wall time per epoch.
+    events, the end of a warm start and anything callbacks add. ``seconds``: wall time per epoch
+    (warm-start epochs included). ``warm_start``: per deterministic warm-start epoch of
+    :func:`fit` (theta = 1, no KL), the mean over its minibatches of the log likelihood on the
+    scale of the whole training set; ``elbo`` and ``loss`` only grow in SVI epochs.
     """
 
     elbo: list = field(default_factory=list)
     loss: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
     events: list = field(default_factory=list)
+    warm_start: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         last = f"{self.elbo[-1]:.4g}" if self.elbo else "n/a"
@@ -52,7 +73,7 @@ class History:
 
     def to_dict(self) -> dict:
         return {"elbo": list(self.elbo), "loss": list(self.loss), "seconds": list(self.seconds),
-                "events": list(self.events)}
+                "events": list(self.events), "warm_start": list(self.warm_start)}
 
 
 class ScaleObserved(Messenger):
@@ -218,6 +239,7 @@ def fit(
     optimizer: Optional[torch.optim.Optimizer] = None,
     history: Optional[History] = None,
     rng_state: Optional[dict] = None,
+    warm_start_epochs: int = 0,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
@@ -261,6 +283,16 @@ def fit(
             epoch boundary draws the same numbers (noise samples, minibatch order) as the
             uninterrupted run, and ends bit-identical on CPU. After every epoch ``fit`` stores
             the state to continue from in ``history.rng_state`` (before the callbacks run).
+        warm_start_epochs: the first ``warm_start_epochs`` of the ``epochs`` (counted inside
+            them, not added) train the deterministic twin of the network: every noise layer in
+            ``"off"`` mode (theta = 1), loss ``-(N/B) sum_batch log p(y_i | x_i, theta=1)``, no
+            KL term, the same Adam (the weights' group at ``lr``) whose state carries on into
+            the SVI epochs; the variational parameters are not touched (they start SVI at their
+            initial values), and no continuous-pruning step happens in these epochs (the
+            pruning warm-up counts from their end). ``History.warm_start`` records them. The
+            model's only latent sites must be its noise layers. 0 (default): SVI from the start.
+            ``bmrs run`` and ``bmrs compare`` use a warm start by default (see the README's
+            "Training recipe").
 
     Raises:
         ValueError: bad arguments; :class:`~bmrs_pyro.checks.InputError` (a ValueError) for data
@@ -280,8 +312,14 @@ def fit(
         raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
     if prune_every is not None:
         _check_positive("prune_every", prune_every, int)
+    if isinstance(warm_start_epochs, bool) or not isinstance(warm_start_epochs, int) or not (
+            0 <= warm_start_epochs <= epochs):
+        raise ValueError(f"warm_start_epochs must be an int in [0, epochs={epochs}] (the warm start is counted "
+                         f"inside epochs), got {warm_start_epochs!r}")
+    if prune_every is not None:
         if prune_start is None:
-            prune_start = start_epoch + math.ceil(DEFAULT_PRUNE_WARMUP * epochs)
+            svi_epochs = epochs - warm_start_epochs
+            prune_start = start_epoch + warm_start_epochs + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * svi_epochs))
         if isinstance(prune_start, bool) or not isinstance(prune_start, int) or prune_start < 1:
             raise ValueError(f"prune_start must be an epoch number >= 1, got {prune_start!r}")
         _check_prune_options(prune_method, prune_options or {})
@@ -312,16 +350,22 @@ def fit(
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             epoch_elbo = []
-            for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
+            in_warm_start = epoch < start_epoch + warm_start_epochs
+            if in_warm_start:  # the deterministic twin (see _deterministic_epoch); no SVI step below
                 if params is None:
-                    # One traced pass creates the guide's parameters and finds bare pyro.param sites.
-                    # When continuing a saved random state, this extra pass must not draw from it.
-                    with _rng_untouched(rng_state is not None), poutine.trace(param_only=True) as param_trace:
-                        minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
-                    params = _trainable(model, guide, param_trace.trace)
-                    if optimizer is None:
-                        optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
-                    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
+                    params, optimizer, frozen = _setup_training(model, guide, train_data, batch_size, n, elbo, lr,
+                                                                guide_lr, optimizer, device, rng_state is not None)
+                _deterministic_epoch(model, train_data, batch_size, n, optimizer, generator, device, epoch, history)
+                bar.update(num_batches)
+                if epoch + 1 == start_epoch + warm_start_epochs:
+                    history.events.append({"epoch": epoch, "event": "warm_start_end",
+                                           "epochs": warm_start_epochs})
+            svi_batches = () if in_warm_start else iterate_batches(train_data, batch_size, shuffle=True,
+                                                                   generator=generator, device=device)
+            for x, y in svi_batches:
+                if params is None:
+                    params, optimizer, frozen = _setup_training(model, guide, (x, y), batch_size, n, elbo, lr,
+                                                                guide_lr, optimizer, device, rng_state is not None)
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
@@ -340,10 +384,12 @@ def fit(
                 epoch_elbo.append(-value)
                 step += 1
                 bar.update(1)
-            history.elbo.append(sum(epoch_elbo) / max(len(epoch_elbo), 1))
+            if epoch_elbo:
+                history.elbo.append(sum(epoch_elbo) / len(epoch_elbo))
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
             history.seconds.append(time.perf_counter() - t0)
-            bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
-            if prune_every is not None and _prune_due(epoch + 1, prune_start, prune_every):
+            # No continuous pruning in the deterministic warm start: the posteriors have not moved.
+            if prune_every is not None and not in_warm_start and _prune_due(epoch + 1, prune_start, prune_every):
                 frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history, train_data)
             history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
             stop = False
@@ -355,6 +401,62 @@ def fit(
         bar.close()
     history.optimizer = optimizer  # type: ignore[attr-defined]
     return history
+
+
+def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float, guide_lr, optimizer, device,
+                    keep_rng: bool = False):
+    """Create the guide's parameters (one traced pass on the first batch of ``data``), the list of
+    trainable parameters, the optimizer (unless given) and the frozen values of masked structures.
+    With ``keep_rng`` (continuing a saved random state) the extra pass draws nothing from it."""
+    x, y = next(iter(iterate_batches(data, batch_size, shuffle=False, device=device)))
+    # One traced pass creates the guide's parameters and finds bare pyro.param sites.
+    with _rng_untouched(keep_rng), poutine.trace(param_only=True) as param_trace:
+        minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+    params = _trainable(model, guide, param_trace.trace)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
+    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
+    return params, optimizer, frozen
+
+
+def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dataset_size: int) -> torch.Tensor:
+    """``-(N/B) sum_batch log p(y_i | x_i, theta = 1)``: the warm-start loss of :func:`fit`.
+
+    Every noise layer of ``model`` is put in ``"off"`` mode (theta = 1 times its mask) for the
+    pass, so no noise site is sampled and there is no KL term. Raises ValueError if the model
+    has another latent sample site (e.g. Bayesian weights), which a deterministic pass cannot
+    handle.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("a deterministic warm start needs the model to be a torch.nn.Module with noise layers")
+    with noise_mode(model, "off"):
+        trace = poutine.trace(model).get_trace(x, y)
+    latent = [name for name in trace.stochastic_nodes if not site_is_subsample(trace.nodes[name])]
+    if latent:
+        raise ValueError(f"a deterministic warm start needs the noise layers to be the only latent sites; "
+                         f"the model also samples {latent}")
+    log_lik = trace.log_prob_sum(site_filter=lambda name, site: site["is_observed"])
+    return -(dataset_size / x.shape[0]) * log_lik
+
+
+def _deterministic_epoch(model, train_data, batch_size: int, n: int, optimizer, generator, device, epoch: int,
+                         history: History) -> None:
+    """One warm-start epoch of :func:`fit`: the network with theta = 1, no KL, the guide untouched.
+
+    Only the model's parameters receive gradients; Adam skips the variational parameters, whose
+    gradients stay None. Appends the epoch's mean log likelihood to ``history.warm_start``.
+    """
+    log_liks = []
+    for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = deterministic_loss(model, x, y, dataset_size=n)
+        if not torch.isfinite(loss_value):
+            raise TrainingDivergedError(f"warm-start epoch {epoch}: the loss is {loss_value.item()} "
+                                        "(check the learning rate and the data for NaN/inf)")
+        loss_value.backward()
+        optimizer.step()
+        log_liks.append(-loss_value.item())
+    history.warm_start.append(sum(log_liks) / max(len(log_liks), 1))
 
 
 def _rng_untouched(active: bool):

@@ -30,6 +30,9 @@ from pyro.poutine.indep_messenger import IndepMessenger
 
 NOISE_MODES = ("example", "global")
 PREDICT_MODES = ("sample", "mean")
+#: Every mode a noise layer accepts: the prediction modes and ``"off"`` (theta = 1, the
+#: deterministic twin, used by the warm start of :func:`bmrs_pyro.infer.fit`).
+LAYER_MODES = PREDICT_MODES + ("off",)
 #: ``infer`` key that marks a sample site as a multiplicative-noise latent.
 NOISE_SITE_KEY = "bmrs_noise"
 
@@ -49,7 +52,9 @@ class MultiplicativeNoise(PyroModule):
 
     Modes (``self.mode``): ``"sample"`` declares the sample site (training, Predictive);
     ``"mean"`` multiplies by E_q[theta] * mask, the deterministic test-time rule, which needs a
-    guide attached (the guide attaches itself when it first runs) or :meth:`set_posterior_mean`.
+    guide attached (the guide attaches itself when it first runs) or :meth:`set_posterior_mean`;
+    ``"off"`` multiplies by the mask alone (theta = 1): the deterministic twin of the network,
+    with no sample site, so no KL term and no use of the guide.
     """
 
     def __init__(
@@ -124,7 +129,11 @@ class MultiplicativeNoise(PyroModule):
             if self.noise == "example":
                 stack.enter_context(IndepMessenger(f"{self.site_name}.examples", batch_size, dim=-2))
             stack.enter_context(IndepMessenger(f"{self.site_name}.structures", self.num_structures, dim=-1))
-            stack.enter_context(poutine.scale(scale=self.kl_scale(batch_size)))
+            scale = self.kl_scale(batch_size)
+            if scale > 0:
+                stack.enter_context(poutine.scale(scale=scale))
+            else:  # kl_weight = 0: no KL term (poutine.scale rejects 0); the sample still flows
+                stack.enter_context(poutine.mask(mask=False))
             if not bool(self.mask.all()):
                 stack.enter_context(poutine.mask(mask=self.mask.bool()))
             yield
@@ -174,6 +183,8 @@ class MultiplicativeNoise(PyroModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = self._check_input(x)
+        if self.mode == "off":
+            return x * self._broadcast(self.mask.to(x.dtype), x, dim)
         if self.mode == "mean":
             theta = self.posterior_mean().to(x.dtype) * self.mask
             return x * self._broadcast(theta, x, dim)
@@ -206,16 +217,17 @@ def noise_modules(model: torch.nn.Module) -> dict[str, MultiplicativeNoise]:
 
 
 def set_mode(model: torch.nn.Module, mode: str) -> None:
-    """Put every noise layer of ``model`` in ``"sample"`` or ``"mean"`` mode."""
-    if mode not in PREDICT_MODES:
-        raise ValueError(f"mode must be one of {PREDICT_MODES}, got {mode!r}")
+    """Put every noise layer of ``model`` in ``"sample"``, ``"mean"`` or ``"off"`` (theta = 1) mode."""
+    if mode not in LAYER_MODES:
+        raise ValueError(f"mode must be one of {LAYER_MODES}, got {mode!r}")
     for module in noise_modules(model).values():
         module.mode = mode
 
 
 @contextlib.contextmanager
 def noise_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
-    """Temporarily set every noise layer's mode (``"mean"`` for deterministic prediction)."""
+    """Temporarily set every noise layer's mode (``"mean"`` for deterministic prediction,
+    ``"off"`` for the network with theta = 1)."""
     modules = noise_modules(model)
     before = {name: m.mode for name, m in modules.items()}
     set_mode(model, mode)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pyro
 import torch
 
-from .infer import DEFAULT_PRUNE_WARMUP, History, evaluate, fit
+from .infer import DEFAULT_PRUNE_WARMUP, History, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
 
 CONFIG_FILE = "config.json"
@@ -164,11 +164,14 @@ def parse_hidden(text: str | Sequence[int]) -> tuple[int, ...]:
 class RunConfig:
     """Every option of a run. ``config.json`` holds :meth:`to_dict` of the resolved config.
 
-    ``prune_every=None``, ``prune_start=None``, ``margin=None`` and ``name=None`` are resolved by
-    :meth:`resolved`: continuous pruning every :data:`DEFAULT_PRUNE_EVERY` epochs for a
-    threshold-free method without ``fraction`` (else 0, post-training only; ``none`` never
-    prunes), starting after ``ceil(DEFAULT_PRUNE_WARMUP * epochs)`` epochs; the BMRS margin 1 nat
-    (0.919 with ``reference_code``); and ``<data>-<model>-<method>-<timestamp>``.
+    ``prune_every=None``, ``prune_start=None``, ``warm_start_epochs=None``, ``margin=None`` and
+    ``name=None`` are resolved by :meth:`resolved`: a deterministic warm start of
+    :data:`bmrs_pyro.infer.WARM_START_FRACTION` of ``epochs`` (the training recipe, see
+    :func:`bmrs_pyro.infer.fit`; counted inside ``epochs``); continuous pruning every
+    :data:`DEFAULT_PRUNE_EVERY` epochs for a threshold-free method without ``fraction`` (else 0,
+    post-training only; ``none`` never prunes), the first reduction after a pruning warm-up of
+    ``ceil(DEFAULT_PRUNE_WARMUP * SVI epochs)`` past the warm start; the BMRS margin 1 nat (0.919
+    with ``reference_code``); and ``<data>-<model>-<method>-<timestamp>``.
     """
 
     data: str = "digits"
@@ -189,6 +192,7 @@ class RunConfig:
     prune_every: Optional[int] = None
     prune_start: Optional[int] = None
     finetune_epochs: int = 10
+    warm_start_epochs: Optional[int] = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -205,8 +209,11 @@ class RunConfig:
         if cfg.prune_every is None:
             continuous = _has_rule(cfg.method) and cfg.fraction is None and cfg.method != "none"
             cfg.prune_every = DEFAULT_PRUNE_EVERY if continuous else 0
+        if cfg.warm_start_epochs is None and _is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
+            cfg.warm_start_epochs = warm_start_epochs_for(int(cfg.epochs))  # bad epochs: validate() says so
         if cfg.prune_start is None and cfg.prune_every and isinstance(cfg.epochs, int):
-            cfg.prune_start = max(1, math.ceil(DEFAULT_PRUNE_WARMUP * cfg.epochs))
+            warm = cfg.warm_start_epochs if isinstance(cfg.warm_start_epochs, int) else 0
+            cfg.prune_start = warm + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * (cfg.epochs - warm)))
         if cfg.margin is None and _is_bmrs(cfg.method) and cfg.fraction is None:
             from .criteria import resolve_margin
 
@@ -267,6 +274,11 @@ class RunConfig:
             raise ValueError(f"bits must be >= 1 (the reduced prior of bmrs_u ends at log 2^-bits), got {self.bits!r}")
         if self.method == "none" and (self.fraction is not None or self.prune_every):
             raise ValueError("--method none removes nothing: drop --fraction and --prune-every")
+        if self.warm_start_epochs is not None:
+            _nonneg_int("warm_start_epochs", self.warm_start_epochs)
+            if self.warm_start_epochs > self.epochs:
+                raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) is counted inside epochs "
+                                 f"({self.epochs}) and cannot exceed it")
         if not _has_rule(self.method) and self.fraction is None:
             raise ValueError(
                 f"method {self.method!r} ranks structures but has no threshold: pass --fraction <share to remove>, "
@@ -556,9 +568,10 @@ def train(
 ) -> History:
     """Train ``exp`` from ``start_epoch`` to ``config.epochs`` with continuous pruning.
 
-    Reductions happen after epoch ``prune_start`` and then every ``prune_every`` epochs, counted
-    from the start of training, also across a resume. A checkpoint is written to ``checkpoint``
-    after every epoch.
+    The first ``warm_start_epochs`` epochs train the deterministic twin (theta = 1, no KL; see
+    :func:`bmrs_pyro.infer.fit`). Reductions happen after epoch ``prune_start`` (past the warm
+    start) and then every ``prune_every`` epochs, counted from the start of training, also across
+    a resume. A checkpoint is written to ``checkpoint`` after every epoch.
     """
     cfg = exp.config
     if cfg.epochs - start_epoch <= 0:
@@ -567,11 +580,13 @@ def train(
         hold_pruned(exp)
     callback = _checkpoint_callback(exp, checkpoint)
     prune_every = cfg.prune_every or None
+    warm = cfg.warm_start_epochs if cfg.warm_start_epochs is not None else warm_start_epochs_for(cfg.epochs)
     fit(exp.model, exp.guide, exp.data.train, epochs=cfg.epochs - start_epoch, batch_size=cfg.batch_size,
         lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
         prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
-        prune_start=(cfg.prune_start or 1) if prune_every else None,
+        prune_start=(cfg.prune_start or warm + 1) if prune_every else None,
         progress=progress, start_epoch=start_epoch, optimizer=exp.optimizer, history=exp.history,
+        warm_start_epochs=max(0, warm - start_epoch),
         rng_state=exp.rng_state if start_epoch else None)  # exact resume: continue the saved stream
     return exp.history
 
@@ -591,7 +606,7 @@ def final_reduction(exp: Experiment):
     result = reduce(exp.model, exp.guide, cfg.method, fraction=cfg.fraction, data=data, min_keep=1,
                     **cfg.method_options)
     result = check_jointly(result, exp.model, exp.guide, exp.data.train)
-    exp.history.events.append({"epoch": len(exp.history.elbo) - 1, "event": "prune", "method": cfg.method,
+    exp.history.events.append({"epoch": cfg.epochs - 1, "event": "prune", "method": cfg.method,
                                "kept": {k: int(v.sum()) for k, v in result.keep.items()},
                                "fraction_removed": result.fraction_removed, "final": True})
     result.apply()
@@ -608,7 +623,7 @@ def finetune(exp: Experiment, *, progress: bool = True) -> History:
     if cfg.finetune_epochs <= 0:
         return exp.history
     hold_pruned(exp)
-    exp.history.events.append({"epoch": len(exp.history.elbo), "event": "finetune"})
+    exp.history.events.append({"epoch": cfg.epochs, "event": "finetune"})
     fit(exp.model, exp.guide, exp.data.train, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         kl_weight=cfg.kl_weight, seed=cfg.seed, device=str(exp.device), progress=progress,
         start_epoch=cfg.epochs, optimizer=exp.optimizer, history=exp.history)
@@ -1018,7 +1033,9 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     if start < config.epochs:
         mode = (f"continuous {config.method} pruning every {config.prune_every} epochs" if config.prune_every
                 else "post-training pruning")
-        log(f"training {config.epochs - start} epochs ({mode}, kl_weight={config.kl_weight:g})")
+        warm = max(0, (config.warm_start_epochs or 0) - start)
+        warm_note = f"the first {warm} deterministic (theta = 1), then SVI; " if warm else ""
+        log(f"training {config.epochs - start} epochs ({warm_note}{mode}, kl_weight={config.kl_weight:g})")
         train(exp, start_epoch=start, checkpoint=ckpt, progress=progress)
     # "Before": the trained network as it stands before the final reduction and fine-tuning, with
     # every mask set to 1 (structures removed by continuous pruning switched back on).
@@ -1043,6 +1060,7 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     compacted, part = compaction_summary(exp)
     metrics.update(part)
     metrics["elbo"] = list(exp.history.elbo)
+    metrics["warm_start"] = list(exp.history.warm_start)  # log likelihood per warm-start epoch
     metrics["pruning_events"] = [
         {"epoch": e["epoch"], "kept": sum(e["kept"].values()), **({"final": True} if e.get("final") else {})}
         for e in exp.history.events if e.get("event") == "prune"

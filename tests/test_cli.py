@@ -17,9 +17,11 @@ import bmrs_pyro.checkpoint as checkpoint_module
 from bmrs_pyro import runs
 from bmrs_pyro.cli import COMMANDS, main
 from bmrs_pyro.data import load
+from bmrs_pyro.infer import WARM_START_FRACTION
 from bmrs_pyro.runs import RunConfig
 
-TINY = ["--hidden", "16", "--batch-size", "256", "--finetune-epochs", "1", "--quiet"]
+# No warm start in the tiny runs, so their epochs are all SVI (test_warm_start_run covers it).
+TINY = ["--hidden", "16", "--batch-size", "256", "--finetune-epochs", "1", "--warm-start-epochs", "0", "--quiet"]
 METRIC_KEYS = {"accuracy_before", "accuracy_after", "nll_before", "nll_after", "structures", "layers",
                "parameters", "flops", "latency_ms", "elbo", "seconds", "method", "data", "model"}
 
@@ -446,9 +448,52 @@ def test_decision_and_tie_band_are_recorded_and_printed(fitted_reduction):
     assert f"tie band: {int(band.sum())} structures have -1 <= dF < 0" in table
 
 
+def test_warm_start_run_and_resume_inside_it(tmp_path, capsys, monkeypatch):
+    """--warm-start-epochs: deterministic epochs first (no pruning in them), also across a resume."""
+    out = tmp_path / "runs"
+    run = out / "w"
+    real_save = checkpoint_module.save_checkpoint
+
+    def save_then_crash(path, *args, epoch=None, **kwargs):
+        result = real_save(path, *args, epoch=epoch, **kwargs)
+        if epoch == 1:  # inside the warm start
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_crash)
+    tiny = [a for a in TINY if a not in ("--warm-start-epochs", "0")]
+    args = ["run", "--epochs", "6", *tiny, "--warm-start-epochs", "3", "--prune-every", "1", "--no-report",
+            "--output", str(out), "--name", "w"]
+    assert main(args) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1 and len(saved["history"]["warm_start"]) == 1 and saved["history"]["elbo"] == []
+    pyro.clear_param_store()
+    assert main(["run", "--resume", str(run), "--quiet", "--no-report"]) == 0
+    assert "deterministic" not in capsys.readouterr().err  # --quiet
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["warm_start"]) == 3
+    assert len(metrics["elbo"]) == 3 + 1  # SVI epochs + fine-tuning
+    assert [e["epoch"] for e in metrics["pruning_events"]] == [3, 4, 5]
+    assert json.loads((run / "config.json").read_text())["warm_start_epochs"] == 3
+
+
+@pytest.mark.parametrize("epochs,warm", [(2, 3), (5, -1)])
+def test_warm_start_epochs_bad(epochs, warm):
+    with pytest.raises(ValueError, match="warm_start_epochs"):
+        RunConfig(epochs=epochs, warm_start_epochs=warm).resolved().validate()
+
+
+def test_warm_start_default_is_half_the_epochs():
+    assert RunConfig(epochs=100).resolved().warm_start_epochs == 50
+    assert RunConfig(epochs=1).resolved().warm_start_epochs == 0  # at least one SVI epoch
+    assert RunConfig(epochs=7, warm_start_epochs=0).resolved().warm_start_epochs == 0
+
+
 @pytest.mark.slow
 def test_default_run(tmp_path, capsys):
-    """``bmrs run`` with every default (measured at about 20 s on 2 shared cores)."""
+    """``bmrs run`` with every default (measured at about 20 s on 2 shared cores), warm start included."""
     threads = torch.get_num_threads()
     assert main(["run", "--output", str(tmp_path), "--name", "default", "--quiet"]) == 0
     assert torch.get_num_threads() == threads  # --threads is restored after the run
@@ -458,9 +503,12 @@ def test_default_run(tmp_path, capsys):
     assert config["epochs"] == RunConfig().epochs and config["prune_every"] == runs.DEFAULT_PRUNE_EVERY
     assert config["kl_weight"] == 1.0 and config["hidden"] == [100, 100] and config["activation"] == "tanh"
     assert metrics["accuracy_after"] >= 0.95
+    warm = config["warm_start_epochs"]
+    assert warm == round(RunConfig().epochs * WARM_START_FRACTION) and len(metrics["warm_start"]) == warm
     continuous = [e["epoch"] for e in metrics["pruning_events"] if not e.get("final")]
     start = config["prune_start"]
-    assert start == math.ceil(0.25 * RunConfig().epochs)  # the warm-up: a quarter of the epochs
+    # the pruning warm-up: a quarter of the SVI epochs after the deterministic warm start
+    assert start == warm + math.ceil(0.25 * (RunConfig().epochs - warm))
     assert continuous == list(range(start - 1, RunConfig().epochs, runs.DEFAULT_PRUNE_EVERY))
     assert metrics["pruning_events"][-1]["final"] and metrics["decision"]["margin"] == 1.0
     assert (run / "report.html").is_file()

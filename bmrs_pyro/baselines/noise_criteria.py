@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ..criteria import get_criterion
 from ..guides import AutoTruncatedLogNormal
-from ..infer import evaluate, fit
+from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
 from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
@@ -53,16 +53,21 @@ class NoiseCriterionMethod(PruningMethod):
     more heavily; the default BMRS_U lower bound is the layer's ``low`` rather than the code's
     log 2^-23 (see :func:`bmrs_pyro.criteria.bmrs_u_score`).
 
+    Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.5,
+    :data:`bmrs_pyro.infer.WARM_START_FRACTION`) trains the deterministic twin (theta = 1, no KL),
+    the rest SVI, inside the same epoch budget as every other method (``fit(...,
+    warm_start_epochs=k)``); ``warm_start=0`` is SVI from the start, as before.
+
     Options: ``kl_weight`` (1.0), ``guide_lr`` (0.05, Adam rate of the variational parameters),
-    ``fraction_step`` (0.1), ``fractions`` (None: the grid),
+    ``warm_start`` (0.5, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
     ``stop_tolerance`` (None), ``criterion_options`` (dict passed to ``reduce``, merged over the
     method's own, e.g. ``{"bits": 8}``).
     """
 
     # guide_lr: the variational parameters need a larger Adam rate than the weights to converge
     # in a small budget (see bmrs_pyro.infer.fit).
-    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "fraction_step": 0.1, "fractions": None, "stop_tolerance": None,
-                "criterion_options": None}
+    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "warm_start": WARM_START_FRACTION, "fraction_step": 0.1,
+                "fractions": None, "stop_tolerance": None, "criterion_options": None}
 
     def __init__(self, name: str, criterion: str, cite: str, criterion_options: Optional[dict] = None,
                  lr: float = 1e-3) -> None:
@@ -88,7 +93,11 @@ class NoiseCriterionMethod(PruningMethod):
         guide = AutoTruncatedLogNormal(model)
         train_options = dict(batch_size=budget.batch_size, lr=budget.lr_or(self.lr), guide_lr=float(options["guide_lr"]),
                              kl_weight=float(options["kl_weight"]), progress=False)
-        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, **train_options)
+        # The warm start is counted inside budget.epochs (the same budget as every other method);
+        # the fine-tuning fits of the sweep (train_options) are SVI only.
+        warm = warm_start_epochs_for(budget.epochs, float(options["warm_start"]))
+        history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, warm_start_epochs=warm,
+                      **train_options)
         return FittedNoiseModel(
             model=model, guide=guide, history=history, train_options=train_options,
             num_structures=sum(layer.num_structures for layer in layers.values()),
