@@ -327,7 +327,7 @@ def test_history_as_plain_list(tmp_path):
     idata = to_inference_data(model, guide, num_samples=5, history=[-3.0, -2.0])
     idata.to_netcdf(str(tmp_path / "h.nc"))
     hist = history_from_idata(az.from_netcdf(str(tmp_path / "h.nc")))
-    assert hist == {"elbo": [-3.0, -2.0], "seconds": [], "loss": [], "events": []}
+    assert hist == {"elbo": [-3.0, -2.0], "seconds": [], "loss": [], "events": [], "warm_start": []}
 
 
 def test_with_real_reduce(digits):
@@ -366,3 +366,15 @@ def test_bad_input_is_refused(digits):
         to_inference_data(model, fresh, num_samples=5)
     with pytest.raises(ValueError, match="history"):
         to_inference_data(model, guide, num_samples=5, history=[])
+
+
+def test_warm_start_round_trips_through_netcdf(tmp_path):
+    from bmrs_pyro.infer import History
+
+    model, guide = make_model()
+    history = History(elbo=[-9.0, -8.0], warm_start=[-5.0, -4.0, -3.5],
+                      events=[{"epoch": 2, "event": "warm_start_end", "epochs": 3}])
+    idata = to_inference_data(model, guide, num_samples=5, history=history)
+    idata.to_netcdf(str(tmp_path / "w.nc"))
+    hist = history_from_idata(az.from_netcdf(str(tmp_path / "w.nc")))
+    assert hist["warm_start"] == [-5.0, -4.0, -3.5] and hist["elbo"] == [-9.0, -8.0]

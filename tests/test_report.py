@@ -519,3 +519,16 @@ def test_density_legends_are_readable():
     fig = plots.plot_reduction_densities(guide, SITES[0], [0, 5, 11])
     for ax in visible_axes(fig):
         assert all(t.get_fontsize() >= 9 for t in ax.get_legend().get_texts())
+
+
+def test_elbo_figure_puts_the_warm_start_first():
+    history = History(elbo=[-90.0, -60.0, -50.0, -45.0, -44.0, -43.0], warm_start=[-80.0, -40.0, -30.0, -25.0],
+                      events=[{"epoch": 3, "event": "warm_start_end", "epochs": 4},
+                              {"epoch": 7, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.5}])
+    fig = plots.plot_elbo(history)
+    ax = fig.axes[0]
+    elbo_line, warm_line = ax.lines[0], ax.lines[1]
+    assert list(elbo_line.get_xdata()) == [5, 6, 7, 8, 9, 10]  # after the 4 warm-start epochs
+    assert list(warm_line.get_xdata()) == [1, 2, 3, 4] and list(warm_line.get_ydata()) == history.warm_start
+    assert "warm start" in [t.get_text() for t in ax.texts]
+    assert list(fig.axes[1].lines[1].get_xdata()) == [8]  # the reduction after epoch index 7

@@ -145,9 +145,11 @@ def test_no_continuous_pruning_during_the_warm_start(noisy_mlp):
                prune_every=1, prune_method="snr")
     prunes = [e["epoch"] for e in hist.events if e["event"] == "prune"]
     assert prunes == [3, 4, 5]
+    # the pruning warm-up counts from the end of the warm start: a quarter of the 4 SVI epochs (1),
+    # so the first reduction follows epoch 3 (index 2), then every 2 epochs
     hist = fit(model, guide, (x, y), epochs=6, batch_size=16, seed=0, progress=False, warm_start_epochs=2,
                prune_every=2, prune_method="snr", history=History())
-    assert [e["epoch"] for e in hist.events if e["event"] == "prune"] == [3, 5]
+    assert [e["epoch"] for e in hist.events if e["event"] == "prune"] == [2, 4]
 
 
 def test_warm_start_default_is_zero_and_unchanged(noisy_mlp):
