@@ -71,7 +71,7 @@ from bmrs_pyro._special import (
     ndtr,
 )
 
-__all__ = ["TruncatedNormal", "TruncatedLogNormal", "LogUniform"]
+__all__ = ["TruncatedNormal", "TruncatedLogNormal", "LogUniform", "sample_sites"]
 
 _NARROW_T, _NARROW_W = np.polynomial.legendre.leggauss(12)
 _NARROW_T = tuple(float(t) for t in (_NARROW_T + 1.0) / 2.0)
@@ -581,35 +581,30 @@ class TruncatedNormal(TorchDistribution):
         """Differential entropy of z."""
         return self._out(self._core.stats[2])
 
-    def _uniform(self, sample_shape) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
-        u = torch.rand(shape, dtype=torch.float64, device=self.loc.device)
-        # Keep u off 0 so log(u) stays finite; 1 is never produced by torch.rand.
-        return torch.clamp(u, min=2.0**-60)
-
     def _rsample64(self, sample_shape=torch.Size()) -> torch.Tensor:
-        u = self._uniform(sample_shape)
+        return self._draw(sample_shape, exp=False, low_precision=False)
+
+    def _draw(self, sample_shape=torch.Size(), *, exp: bool, low_precision: bool = True) -> torch.Tensor:
+        """z = icdf(u) (or theta = e^z with ``exp``), u ~ U(0, 1), with gradients.
+
+        Per-structure constants are always float64. Where the standardised far bound of the
+        flipped frame is >= -_FAST_SAMPLE_X the textbook inverse cdf is exact, and its
+        per-element work (one ndtri per draw) runs in the parameters' dtype when
+        ``low_precision`` (float32 models: no float64 per element, see :func:`_fast_icdf`);
+        the offset-form inverse (float64, float64 uniforms) is kept for the tail structures.
+        Without ``low_precision`` the result is float64.
+        """
         params = self.__dict__.get("_compact_params") or (self.loc, self.scale, self.low, self.high)
         loc, scale, low, high = (t.double() for t in broadcast_all(*params))
-        batch_shape = loc.shape
-        # Where the standardised far bound -b of the flipped frame is <= _FAST_SAMPLE_X, the
-        # textbook inverse cdf is exact and needs only per-structure constants plus one ndtri
-        # per draw; the offset-form Newton inverse is kept for the tail structures.
+        dtype = self.loc.dtype if low_precision else torch.float64
         fast = _fast_sample_ok(loc, scale, low, high)
-        if bool(fast.all()):
-            return _fast_icdf(loc, scale, low, high, u)
-        if not bool(fast.any()) or len(batch_shape) != 1:
-            return self._core.icdf(u)
-        idx_fast, idx_slow = fast.nonzero().squeeze(-1), (~fast).nonzero().squeeze(-1)
-        pick = lambda t, idx: t[idx]
-        z_fast = _fast_icdf(*(pick(t, idx_fast) for t in (loc, scale, low, high)), u[..., idx_fast])
-        z_slow = _Core(*(pick(t, idx_slow) for t in (loc, scale, low, high))).icdf(u[..., idx_slow])
-        order = torch.argsort(torch.cat([idx_fast, idx_slow]))
-        return torch.cat([z_fast, z_slow], dim=-1)[..., order]
+        shape = self._extended_shape(sample_shape)
+        u = _uniform(shape, dtype if bool(fast.all()) else torch.float64, loc.device)
+        return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Reparameterised sample icdf(u), u ~ U(0, 1); gradients reach every parameter."""
-        return self._out(self._rsample64(sample_shape))
+        return self._out(self._draw(sample_shape, exp=False))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Sample without gradient."""
@@ -652,22 +647,90 @@ def _fast_sample_ok(loc, scale, low, high) -> torch.Tensor:
     return _flipped_bounds(loc, scale, low, high)[2] >= -_FAST_SAMPLE_X
 
 
-def _fast_icdf(loc, scale, low, high, u):
+def _uniform(shape, dtype, device) -> torch.Tensor:
+    """u ~ U(0, 1) kept off 0 (torch.rand never returns 1)."""
+    u = torch.rand(shape, dtype=dtype, device=device)
+    return torch.clamp(u, min=2.0**-60 if dtype == torch.float64 else torch.finfo(dtype).tiny)
+
+
+def _finish64(z, low, high, dtype, exp):
+    """A float64 draw z as z or e^z in ``dtype``, inside the support after rounding."""
+    if not exp:
+        return z.to(dtype)
+    theta = torch.exp(z).to(dtype)
+    return torch.minimum(torch.maximum(theta, _exp_bound(low).to(dtype)), _exp_bound(high).to(dtype))
+
+
+def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False):
     """Draws loc + scale * Phi^-1(Phi(a) + u Z) in the flipped frame (mass in the lower tail).
 
     Sampling in the flipped frame with u itself (rather than 1 - u) is the same distribution
     and avoids forming 1 - u. One ndtri per draw on whichever tail probability is <= 1/2.
+
+    The per-structure constants (a, b, Phi(a), Phi(-b), Z) are float64; the per-element work
+    runs in ``dtype`` (default: u's). In float32 that is exact to float32 precision here: with
+    b >= -5 the probabilities Phi(a) + u Z and Phi(-b) + (1 - u) Z are sums of non-negative
+    float32 numbers (relative error ~eps), ndtri of the smaller tail keeps that relative error,
+    so the standardised draw is off by ~eps * max(1, 1/|x|) and z by ~eps (|z| + scale), the
+    size of z's own rounding when scale is no larger than the support's scale
+    (tested against the float64 inverse at the same u). With ``exp`` it returns theta = e^z,
+    kept inside [e^low, e^high] as rounded in ``dtype``.
     """
+    dtype = u.dtype if dtype is None else dtype
     flip, a, b = _flipped_bounds(loc, scale, low, high)
     z_mass = torch.exp(log_diff_ndtr(a, b))
-    low_cdf = ndtr(a) + u * z_mass
-    up_sf = ndtr(-b) + (1.0 - u) * z_mass
+    sign_scale = torch.where(flip, -scale, scale)
+    consts = (ndtr(a), ndtr(-b), z_mass, a, b, loc, sign_scale, low, high)
+    cdf_a, sf_b, z_mass, a, b, loc, sign_scale, low, high = (t.to(dtype) for t in consts)
+    u = u.to(dtype)
+    low_cdf = cdf_a + u * z_mass
+    up_sf = sf_b + (1.0 - u) * z_mass
     lower = low_cdf <= 0.5
-    xs = torch.special.ndtri(torch.clamp(torch.where(lower, low_cdf, up_sf), min=1e-300))
+    tiny = 1e-300 if dtype == torch.float64 else torch.finfo(dtype).tiny
+    xs = torch.special.ndtri(torch.clamp(torch.where(lower, low_cdf, up_sf), min=tiny))
     xs = torch.where(lower, xs, -xs)
     xs = torch.minimum(torch.maximum(xs, a), b)
-    sign = torch.where(flip, -1.0, 1.0).to(loc)
-    return torch.minimum(torch.maximum(loc + sign * scale * xs, low), high)
+    z = torch.minimum(torch.maximum(loc + sign_scale * xs, low), high)
+    if not exp:
+        return z
+    bounds = [_exp_bound(t) for t in consts[-2:]]
+    return torch.minimum(torch.maximum(torch.exp(z), bounds[0].to(dtype)), bounds[1].to(dtype))
+
+
+def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp):
+    """icdf(u) (e^icdf(u) with ``exp``) in ``dtype``: the textbook inverse on the structures in
+    ``fast`` (per-element work in ``dtype``), the float64 offset form on the others."""
+    if bool(fast.all()):
+        return _fast_icdf(loc, scale, low, high, u, dtype=dtype, exp=exp)
+    u = u.double()
+    if not bool(fast.any()) or loc.dim() != 1:
+        return _finish64(_Core(loc, scale, low, high).icdf(u), low, high, dtype, exp)
+    idx_fast, idx_slow = fast.nonzero().squeeze(-1), (~fast).nonzero().squeeze(-1)
+    z_fast = _fast_icdf(loc[idx_fast], scale[idx_fast], low[idx_fast], high[idx_fast],
+                        u[..., idx_fast].to(dtype), dtype=dtype, exp=exp)
+    z_slow = _Core(loc[idx_slow], scale[idx_slow], low[idx_slow], high[idx_slow]).icdf(u[..., idx_slow])
+    z_slow = _finish64(z_slow, low[idx_slow], high[idx_slow], dtype, exp)
+    order = torch.argsort(torch.cat([idx_fast, idx_slow]))
+    return torch.cat([z_fast, z_slow], dim=-1)[..., order]
+
+
+def sample_sites(loc, scale, low, high, sizes: Sequence[int], batch: int) -> torch.Tensor:
+    """theta of shape (batch, sum(sizes)) for several noise sites at once.
+
+    ``loc``, ``scale``, ``low``, ``high`` are the sites' (S_i,) parameters concatenated. The
+    uniforms are drawn site by site exactly as ``TruncatedLogNormal(...).expand((batch, S_i))
+    .rsample()`` draws them, and the values are the same; only the per-structure constants and
+    the per-element work are computed once for all sites (fewer, larger tensor operations).
+    """
+    dtype = loc.dtype
+    loc, scale, low, high = (t.double() for t in broadcast_all(loc, scale, low, high))
+    fast = _fast_sample_ok(loc, scale, low, high)
+    us = [_uniform((batch, n), dtype if bool(f.all()) else torch.float64, loc.device)
+          for f, n in zip(fast.split(list(sizes)), sizes)]
+    if len({u.dtype for u in us}) > 1:
+        us = [u.double() for u in us]
+    u = us[0] if len(us) == 1 else torch.cat(us, dim=-1)
+    return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp=True)
 
 
 def _exp_bound(bound: torch.Tensor) -> torch.Tensor:
@@ -746,7 +809,7 @@ class TruncatedLogNormal(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Reparameterised sample exp(z), z from the truncated normal's rsample."""
-        return self._tn._out(torch.exp(self._tn._rsample64(sample_shape)))
+        return self._tn._out(self._tn._draw(sample_shape, exp=True))
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """Sample without gradient."""

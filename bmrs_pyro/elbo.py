@@ -21,14 +21,73 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
-from .distributions import LogUniform
+from .distributions import LogUniform, TruncatedLogNormal, sample_sites
 
 
 class _Unsupported(Exception):
     pass
+
+
+_BOUNDS_CACHE: dict = {}
+
+
+def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-structure (low, high) of the concatenated sites (cached: they are constants)."""
+    key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device)
+    found = _BOUNDS_CACHE.get(key)
+    if found is None:
+        if len(_BOUNDS_CACHE) > 64:
+            _BOUNDS_CACHE.clear()
+        low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
+        high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
+        found = _BOUNDS_CACHE[key] = (low, high)
+    return found
+
+
+class _StepPosteriors:
+    """Every noise site's posterior for one loss evaluation, computed for all sites at once.
+
+    The parameters of all sites are concatenated, so the analytic KL (float64 inside) and the
+    per-structure sampling constants cost one vectorised evaluation instead of one per site.
+    When every site draws per-example noise, theta of all sites is drawn in one go too (same
+    uniforms, site by site, as separate draws would use); a site met again in the same pass,
+    or with another batch size, draws afresh from its own posterior.
+    """
+
+    def __init__(self, guide, batch: int) -> None:
+        self.names = list(guide._layers)
+        self.layers = [guide._layers[n] for n in self.names]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        pairs = [guide.loc_scale(n) for n in self.names]
+        self.locs = [p[0] for p in pairs]
+        self.scales = [p[1] for p in pairs]
+        sizes = [t.shape[0] for t in self.locs]
+        cat = (lambda ts: ts[0]) if len(sizes) == 1 else torch.cat
+        loc, scale = cat(self.locs), cat(self.scales)
+        low, high = _site_bounds(self.layers, sizes, loc)
+        kl = kl_divergence(TruncatedLogNormal(loc, scale, low, high), LogUniform(low, high))
+        self.kls = kl.split(sizes) if len(sizes) > 1 else (kl,)
+        self.batch = batch
+        self.thetas = None
+        if all(l.noise == "example" for l in self.layers):
+            theta = sample_sites(loc, scale, low, high, sizes, batch)
+            self.thetas = list(theta.split(sizes, dim=-1)) if len(sizes) > 1 else [theta]
+
+    def site(self, name: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL per structure, theta of ``shape``) of site ``name``."""
+        i = self.index[name]
+        theta = None
+        if self.thetas is not None and tuple(shape) == (self.batch, self.locs[i].shape[0]):
+            theta, self.thetas[i] = self.thetas[i], None
+        if theta is None:
+            layer = self.layers[i]
+            q = TruncatedLogNormal(self.locs[i], self.scales[i], layer.low, layer.high)
+            theta = q.expand(shape).rsample()
+        return self.kls[i], theta
 
 
 class _NoiseELBOMessenger(Messenger):
@@ -39,6 +98,12 @@ class _NoiseELBOMessenger(Messenger):
         self.guide = guide
         self.log_likelihood = 0.0
         self.kl = 0.0
+        self._step: _StepPosteriors | None = None
+
+    def _posteriors(self, batch: int) -> _StepPosteriors:
+        if self._step is None:
+            self._step = _StepPosteriors(self.guide, batch)
+        return self._step
 
     def _process_message(self, msg: dict) -> None:
         if msg["type"] != "sample" or site_is_subsample(msg):
@@ -52,14 +117,48 @@ class _NoiseELBOMessenger(Messenger):
         name = msg["name"]
         if not infer.get("bmrs_noise") or name not in self.guide._layers:
             raise _Unsupported(name)
-        layer = self.guide._layers[name]
-        q = self.guide.posterior(name)
-        kl = kl_divergence(q, LogUniform(layer.low, layer.high))
         shape = fn.batch_shape
+        kl, theta = self._posteriors(shape[0] if len(shape) > 1 else 1).site(name, shape)
         # The site's KL is that of each of its B copies (one per example), scaled by the site.
         self.kl = self.kl + scale_and_mask(kl.expand(shape), msg["scale"], msg["mask"]).sum()
-        msg["value"] = q.expand(shape).rsample()
+        msg["value"] = theta
         msg["done"] = True
+
+    def noise(self, layer, batch: int) -> torch.Tensor:
+        """theta for ``layer`` without a Pyro sample statement (see :func:`active_noise_elbo`).
+
+        Adds exactly what the sample site would: the KL of each of the site's copies, times
+        the site's scale (``layer.kl_scale``), pruned structures masked out.
+        """
+        shape = (batch, layer.num_structures) if layer.noise == "example" else (layer.num_structures,)
+        kl, theta = self._posteriors(batch if layer.noise == "example" else 1).site(layer.site_name, shape)
+        mask = layer.mask
+        kl = kl.sum() if bool(mask.all()) else torch.where(mask.bool(), kl, 0.0).sum()
+        copies = batch if layer.noise == "example" else 1
+        self.kl = self.kl + kl * (copies * layer.kl_scale(batch))
+        return theta
+
+
+_ACTIVE: list = []
+
+
+def active_noise_elbo(layer) -> "_NoiseELBOMessenger | None":
+    """The one-pass ELBO messenger that may answer ``layer`` directly, or None.
+
+    Only when the Pyro stack holds nothing but that messenger and handlers marked as leaving
+    latent sites alone (``_bmrs_latent_neutral``, e.g. ``fit``'s observation scaling): then the
+    sample statement, its plates, scale and mask handlers would only hand the site to the
+    messenger, so skipping them changes nothing but the time spent.
+    """
+    if not _ACTIVE:
+        return None
+    messenger = _ACTIVE[-1]
+    for handler in _PYRO_STACK:
+        if handler is not messenger and not getattr(handler, "_bmrs_latent_neutral", False):
+            return None
+    if layer.site_name not in messenger.guide._layers:
+        return None
+    return messenger
 
 
 class MeanFieldNoiseELBO:
@@ -82,6 +181,7 @@ class MeanFieldNoiseELBO:
             if guide.prototype_trace is None:
                 guide(*args, **kwargs)
             messenger = _NoiseELBOMessenger(guide)
+            _ACTIVE.append(messenger)
             try:
                 with messenger:
                     model(*args, **kwargs)
@@ -89,6 +189,8 @@ class MeanFieldNoiseELBO:
                 self.used_fallback = True
             else:
                 return messenger.kl - messenger.log_likelihood
+            finally:
+                _ACTIVE.remove(messenger)
         self.used_fallback = True
         return self._fallback.differentiable_loss(model, guide, *args, **kwargs)
 

@@ -56,6 +56,8 @@ class History:
 class ScaleObserved(Messenger):
     """Scale observed sites only (the likelihood), leaving latent sites to their own scales."""
 
+    _bmrs_latent_neutral = True  # lets noise layers answer the one-pass ELBO directly
+
     def __init__(self, scale: float) -> None:
         super().__init__()
         self.scale = scale

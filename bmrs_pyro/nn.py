@@ -178,6 +178,12 @@ class MultiplicativeNoise(PyroModule):
             theta = self.posterior_mean().to(x.dtype) * self.mask
             return x * self._broadcast(theta, x, dim)
         batch = x.shape[0]
+        from .elbo import active_noise_elbo
+
+        elbo = active_noise_elbo(self)
+        if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
+            theta = elbo.noise(self, batch).to(x.dtype) * self.mask
+            return x * self._broadcast(theta, x, dim)
         if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
             names = [f.name for f in pyro.poutine.runtime.get_plates()]
             raise ValueError(
