@@ -179,6 +179,12 @@ def _param_groups(params: list, guide, lr: float, guide_lr: Optional[float]) -> 
     return [g for g in groups if g["params"]]
 
 
+def _adam(groups: list) -> torch.optim.Adam:
+    """Adam with the multi-tensor (``foreach``) update: the same arithmetic as the default
+    per-tensor loop on CPU, a handful of operations per step instead of ~10 per parameter."""
+    return torch.optim.Adam(groups, foreach=True)
+
+
 def _diagnose_nan(guide, step: int, loss: torch.Tensor) -> str:
     for name, p in getattr(guide, "named_parameters", lambda: [])():
         bad = ~torch.isfinite(p)
@@ -298,7 +304,7 @@ def fit(
                         minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
                     params = _trainable(model, guide, param_trace.trace)
                     if optimizer is None:
-                        optimizer = torch.optim.Adam(_param_groups(params, guide, lr, guide_lr))
+                        optimizer = _adam(_param_groups(params, guide, lr, guide_lr))
                     frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
                 optimizer.zero_grad(set_to_none=True)
                 try:
