@@ -680,21 +680,20 @@ def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False):
     flip, a, b = _flipped_bounds(loc, scale, low, high)
     z_mass = torch.exp(log_diff_ndtr(a, b))
     sign_scale = torch.where(flip, -scale, scale)
-    consts = (ndtr(a), ndtr(-b), z_mass, a, b, loc, sign_scale, low, high)
-    cdf_a, sf_b, z_mass, a, b, loc, sign_scale, low, high = (t.to(dtype) for t in consts)
+    consts = (ndtr(a), ndtr(-b), z_mass, loc, sign_scale)
+    cdf_a, sf_b, z_mass, loc, sign_scale = (t.to(dtype) for t in consts)
     u = u.to(dtype)
-    low_cdf = cdf_a + u * z_mass
-    up_sf = sf_b + (1.0 - u) * z_mass
-    lower = low_cdf <= 0.5
+    # Per element: both tail probabilities, ndtri of the smaller one (<= 1/2), then the sign.
+    low_cdf = torch.addcmul(cdf_a, u, z_mass)
+    up_sf = torch.addcmul(sf_b, 1.0 - u, z_mass)
+    lower = low_cdf <= up_sf
     tiny = 1e-300 if dtype == torch.float64 else torch.finfo(dtype).tiny
-    xs = torch.special.ndtri(torch.clamp(torch.where(lower, low_cdf, up_sf), min=tiny))
-    xs = torch.where(lower, xs, -xs)
-    xs = torch.minimum(torch.maximum(xs, a), b)
-    z = torch.minimum(torch.maximum(loc + sign_scale * xs, low), high)
-    if not exp:
-        return z
-    bounds = [_exp_bound(t) for t in consts[-2:]]
-    return torch.minimum(torch.maximum(torch.exp(z), bounds[0].to(dtype)), bounds[1].to(dtype))
+    xs = torch.special.ndtri(torch.clamp(torch.minimum(low_cdf, up_sf), min=tiny))  # <= 0
+    z = torch.addcmul(loc, torch.where(lower, sign_scale, -sign_scale), xs)
+    lo, hi = (_exp_bound(t).to(dtype) for t in (low, high)) if exp else (low.to(dtype), high.to(dtype))
+    # Rounding may step just outside the support: clamp onto it (the standardised draw lies in
+    # [a, b] mathematically, so this moves a value by a few ulps at most).
+    return torch.clamp(torch.exp(z) if exp else z, min=lo, max=hi)
 
 
 def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp):
