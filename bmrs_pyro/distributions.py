@@ -677,23 +677,72 @@ def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False):
     kept inside [e^low, e^high] as rounded in ``dtype``.
     """
     dtype = u.dtype if dtype is None else dtype
-    flip, a, b = _flipped_bounds(loc, scale, low, high)
-    z_mass = torch.exp(log_diff_ndtr(a, b))
-    sign_scale = torch.where(flip, -scale, scale)
-    consts = (ndtr(a), ndtr(-b), z_mass, loc, sign_scale)
-    cdf_a, sf_b, z_mass, loc, sign_scale = (t.to(dtype) for t in consts)
-    u = u.to(dtype)
-    # Per element: both tail probabilities, ndtri of the smaller one (<= 1/2), then the sign.
-    low_cdf = torch.addcmul(cdf_a, u, z_mass)
-    up_sf = torch.addcmul(sf_b, 1.0 - u, z_mass)
-    lower = low_cdf <= up_sf
-    tiny = 1e-300 if dtype == torch.float64 else torch.finfo(dtype).tiny
-    xs = torch.special.ndtri(torch.clamp(torch.minimum(low_cdf, up_sf), min=tiny))  # <= 0
-    z = torch.addcmul(loc, torch.where(lower, sign_scale, -sign_scale), xs)
-    lo, hi = (_exp_bound(t).to(dtype) for t in (low, high)) if exp else (low.to(dtype), high.to(dtype))
-    # Rounding may step just outside the support: clamp onto it (the standardised draw lies in
-    # [a, b] mathematically, so this moves a value by a few ulps at most).
-    return torch.clamp(torch.exp(z) if exp else z, min=lo, max=hi)
+    with torch.no_grad():
+        flip, a, b = _flipped_bounds(loc, scale, low, high)
+        z_mass = torch.exp(log_diff_ndtr(a, b))
+        consts = (ndtr(a), ndtr(-b), z_mass, torch.where(flip, -1.0, 1.0), a, b,
+                  _pdf(a), _pdf(b))
+        consts = tuple(t.to(dtype) for t in consts)
+        if exp:
+            lo, hi = _exp_bound(low).to(dtype), _exp_bound(high).to(dtype)
+        else:
+            lo, hi = low.to(dtype), high.to(dtype)
+    return _FastIcdf.apply(loc.to(dtype), scale.to(dtype), u.to(dtype), consts, lo, hi, exp)
+
+
+def _pdf(t: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+
+
+class _FastIcdf(torch.autograd.Function):
+    """The textbook inverse cdf per element, with the implicit-reparameterisation gradient.
+
+    Forward (flipped frame, mass in the lower tail): both tail probabilities
+    Phi(a) + u Z and Phi(-b) + (1 - u) Z, one ndtri on the smaller, z = loc + sign scale xi,
+    clamped onto the support (rounding only). Backward, per element, the exact derivatives of
+    the root of F(z; loc, scale) = u (F the cdf; the flip maps onto itself):
+
+        dz/dloc   = 1 - ((1 - u) phi(a) + u phi(b)) / phi(xi)
+        dz/dscale = sign (xi - ((1 - u) a phi(a) + u b phi(b)) / phi(xi))
+
+    with phi(a)/phi(xi) = exp((xi - a)(xi + a)/2), which neither overflows nor underflows
+    to a NaN (a can be -1e10, xi is never below ndtri(tiny) ~ -13.2). Analytic, so autograd
+    stores no per-element graph: a dozen element-wise operations instead of ~25.
+    """
+
+    @staticmethod
+    def forward(ctx, loc, scale, u, consts, lo, hi, exp):
+        cdf_a, sf_b, z_mass, sign, a, b, pdf_a, pdf_b = consts
+        low_cdf = torch.addcmul(cdf_a, u, z_mass)
+        up_sf = torch.addcmul(sf_b, 1.0 - u, z_mass)
+        tiny = 1e-300 if u.dtype == torch.float64 else torch.finfo(u.dtype).tiny
+        xi = torch.special.ndtri(torch.clamp(torch.minimum(low_cdf, up_sf), min=tiny))  # <= 0
+        xi = torch.where(low_cdf <= up_sf, xi, -xi)
+        xi = torch.minimum(torch.maximum(xi, a), b)
+        out = torch.addcmul(loc, sign * scale, xi)
+        if exp:
+            out = torch.exp(out)
+        out = torch.clamp(out, min=lo, max=hi)
+        big = torch.finfo(a.dtype).max ** 0.25  # (xi - a)(xi + a) stays finite, a * 0 stays 0
+        ctx.save_for_backward(u, xi, out if exp else None, a.clamp(-big, big), b.clamp(-big, big), sign)
+        ctx.shapes = (loc.shape, scale.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, xi, theta, a, b, sign = ctx.saved_tensors
+        if theta is not None:
+            grad = grad * theta
+        ra = torch.exp(0.5 * (xi - a) * (xi + a))  # phi(a)/phi(xi)
+        rb = torch.exp(0.5 * (xi - b) * (xi + b))  # phi(b)/phi(xi)
+        ra = ra - u * ra  # (1 - u) phi(a)/phi(xi), without forming 1 - u twice
+        rb = u * rb
+        dloc = 1.0 - (ra + rb)
+        # a phi(a) with a ~ -1e10 underflows to 0 through ra (a is clamped finite): 0, not NaN.
+        dscale = sign * (xi - (ra * a + rb * b))
+        grad_loc = (grad * dloc).sum_to_size(ctx.shapes[0])
+        grad_scale = (grad * dscale).sum_to_size(ctx.shapes[1])
+        return grad_loc, grad_scale, None, None, None, None, None
 
 
 def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp):
