@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
@@ -139,16 +139,31 @@ class _NoiseELBOMessenger(Messenger):
         return theta
 
 
+    def observe_categorical(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """What ``pyro.sample("obs", Categorical(logits=logits), obs=y)`` in a data plate adds:
+        sum_i log softmax(logits_i)[y_i], times the observed-site scales on the stack."""
+        check = is_validation_enabled() and logits.device.type == "cpu"  # no sync on a GPU
+        if check and not bool(torch.isfinite(logits).all()):  # as Categorical's validation
+            raise ValueError("Expected parameter logits to be finite, found invalid values (nan/inf)")
+        scale = 1.0
+        for handler in _PYRO_STACK:
+            if handler is not self:
+                scale = scale * getattr(handler, "scale", 1.0)
+        log_likelihood = -torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        self.log_likelihood = self.log_likelihood + scale * log_likelihood
+
+
 _ACTIVE: list = []
 
 
-def active_noise_elbo(layer) -> "_NoiseELBOMessenger | None":
-    """The one-pass ELBO messenger that may answer ``layer`` directly, or None.
+def active_noise_elbo(layer=None) -> "_NoiseELBOMessenger | None":
+    """The one-pass ELBO messenger that may answer a site directly, or None.
 
     Only when the Pyro stack holds nothing but that messenger and handlers marked as leaving
-    latent sites alone (``_bmrs_latent_neutral``, e.g. ``fit``'s observation scaling): then the
-    sample statement, its plates, scale and mask handlers would only hand the site to the
-    messenger, so skipping them changes nothing but the time spent.
+    latent sites alone (``_bmrs_latent_neutral``; they may scale observed sites by their
+    ``scale``, as ``fit``'s observation scaling does): then a sample statement, with its plates,
+    scale and mask handlers, would only hand the site to the messenger, so skipping it changes
+    nothing but the time spent. ``layer``: a noise layer the guide must cover.
     """
     if not _ACTIVE:
         return None
@@ -156,7 +171,7 @@ def active_noise_elbo(layer) -> "_NoiseELBOMessenger | None":
     for handler in _PYRO_STACK:
         if handler is not messenger and not getattr(handler, "_bmrs_latent_neutral", False):
             return None
-    if layer.site_name not in messenger.guide._layers:
+    if layer is not None and layer.site_name not in messenger.guide._layers:
         return None
     return messenger
 

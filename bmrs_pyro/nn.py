@@ -182,7 +182,9 @@ class MultiplicativeNoise(PyroModule):
 
         elbo = active_noise_elbo(self)
         if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
-            theta = elbo.noise(self, batch).to(x.dtype) * self.mask
+            theta = elbo.noise(self, batch).to(x.dtype)
+            if self.mask.device.type != "cpu" or not bool(self.mask.all()):  # no sync on a GPU
+                theta = theta * self.mask
             return x * self._broadcast(theta, x, dim)
         if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
             names = [f.name for f in pyro.poutine.runtime.get_plates()]
@@ -275,6 +277,13 @@ class NoisyClassifier(PyroModule):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = self.net(x)
+        if y is not None:
+            from .elbo import active_noise_elbo
+
+            elbo = active_noise_elbo()
+            if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
+                elbo.observe_categorical(logits, y)
+                return logits
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
         return logits
