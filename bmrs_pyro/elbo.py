@@ -26,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence
 
 from .distributions import LogUniform, TruncatedLogNormal, sample_sites
+from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN
 
 
 class _Unsupported(Exception):
@@ -62,15 +63,18 @@ class _StepPosteriors:
         self.names = list(guide._layers)
         self.layers = [guide._layers[n] for n in self.names]
         self.index = {n: i for i, n in enumerate(self.names)}
-        pairs = [guide.loc_scale(n) for n in self.names]
-        self.locs = [p[0] for p in pairs]
-        self.scales = [p[1] for p in pairs]
-        sizes = [t.shape[0] for t in self.locs]
+        # The guide's loc_scale for every site at once: clamp and exp on the concatenation.
+        raw = [guide._raw_loc_log_scale(n) for n in self.names]
+        sizes = [p[0].shape[0] for p in raw]
         cat = (lambda ts: ts[0]) if len(sizes) == 1 else torch.cat
-        loc, scale = cat(self.locs), cat(self.scales)
+        loc = cat([p[0] for p in raw])
+        scale = torch.clamp(cat([p[1] for p in raw]), LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
+        split = (lambda t: t.split(sizes)) if len(sizes) > 1 else (lambda t: (t,))
+        self.locs, self.scales = split(loc), split(scale)
         low, high = _site_bounds(self.layers, sizes, loc)
         kl = kl_divergence(TruncatedLogNormal(loc, scale, low, high), LogUniform(low, high))
-        self.kls = kl.split(sizes) if len(sizes) > 1 else (kl,)
+        self.kl_all = kl
+        self.kls = split(kl)
         self.batch = batch
         self.thetas = None
         if all(l.noise == "example" for l in self.layers):
@@ -99,6 +103,7 @@ class _NoiseELBOMessenger(Messenger):
         self.log_likelihood = 0.0
         self.kl = 0.0
         self._step: _StepPosteriors | None = None
+        self._pending: list = []
 
     def _posteriors(self, batch: int) -> _StepPosteriors:
         if self._step is None:
@@ -124,19 +129,36 @@ class _NoiseELBOMessenger(Messenger):
         msg["value"] = theta
         msg["done"] = True
 
-    def noise(self, layer, batch: int) -> torch.Tensor:
+    def noise(self, layer, batch: int, mask: "torch.Tensor | None") -> torch.Tensor:
         """theta for ``layer`` without a Pyro sample statement (see :func:`active_noise_elbo`).
 
         Adds exactly what the sample site would: the KL of each of the site's copies, times
-        the site's scale (``layer.kl_scale``), pruned structures masked out.
+        the site's scale (``layer.kl_scale``), the structures outside ``mask`` (bool; None: all
+        kept) left out. The sum is formed in :meth:`finish`, once for all sites when it can.
         """
         shape = (batch, layer.num_structures) if layer.noise == "example" else (layer.num_structures,)
-        kl, theta = self._posteriors(batch if layer.noise == "example" else 1).site(layer.site_name, shape)
-        mask = layer.mask
-        kl = kl.sum() if bool(mask.all()) else torch.where(mask.bool(), kl, 0.0).sum()
+        step = self._posteriors(batch if layer.noise == "example" else 1)
+        _, theta = step.site(layer.site_name, shape)
         copies = batch if layer.noise == "example" else 1
-        self.kl = self.kl + kl * (copies * layer.kl_scale(batch))
+        self._pending.append((step.index[layer.site_name], copies * layer.kl_scale(batch), mask))
         return theta
+
+    def finish(self) -> None:
+        """Add the KL of the sites answered by :meth:`noise`: one sum over all structures when
+        every site was met once with the same factor and no pruned structure, else site by site."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        step = self._step
+        factors = {f for _, f, _ in pending}
+        whole = sorted(i for i, _, _ in pending) == list(range(len(step.names)))
+        if whole and len(factors) == 1 and all(m is None for _, _, m in pending):
+            self.kl = self.kl + step.kl_all.sum() * factors.pop()
+            return
+        for i, factor, mask in pending:
+            kl = step.kls[i]
+            kl = kl.sum() if mask is None else torch.where(mask, kl, 0.0).sum()
+            self.kl = self.kl + kl * factor
 
 
     def observe_categorical(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -203,6 +225,7 @@ class MeanFieldNoiseELBO:
             except _Unsupported:
                 self.used_fallback = True
             else:
+                messenger.finish()
                 return messenger.kl - messenger.log_likelihood
             finally:
                 _ACTIVE.remove(messenger)

@@ -182,8 +182,9 @@ class MultiplicativeNoise(PyroModule):
 
         elbo = active_noise_elbo(self)
         if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
-            theta = elbo.noise(self, batch).to(x.dtype)
-            if self.mask.device.type != "cpu" or not bool(self.mask.all()):  # no sync on a GPU
+            kept_all = self.mask.device.type == "cpu" and bool(self.mask.all())  # no sync on a GPU
+            theta = elbo.noise(self, batch, None if kept_all else self.mask.bool()).to(x.dtype)
+            if not kept_all:
                 theta = theta * self.mask
             return x * self._broadcast(theta, x, dim)
         if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
