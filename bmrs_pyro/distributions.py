@@ -1056,7 +1056,12 @@ def _kl_own_uniform(q: "TruncatedNormal") -> torch.Tensor:
       value, called directly;
     - the careful statistics everywhere else (the tails).
     """
-    loc, s, low, high = (t.double() for t in (q.loc, q.scale, q.low, q.high))
+    return kl_to_own_bounds(*(t.double() for t in (q.loc, q.scale, q.low, q.high)), core=q._core)
+
+
+def kl_to_own_bounds(loc, s, low, high, core: "_Core | None" = None) -> torch.Tensor:
+    """KL(TruncatedNormal(loc, s, low, high) || Uniform(low, high)), float64 tensors in and out
+    (see :func:`_kl_own_uniform`; the same KL as for the log-scale pair on [e^low, e^high])."""
     _, a, b = _flipped_bounds(loc, s, low, high)
     width = high - low
     w = width / s
@@ -1064,7 +1069,7 @@ def _kl_own_uniform(q: "TruncatedNormal") -> torch.Tensor:
     narrow = (-b >= _INSIDE) & _is_narrow(-b, w) & ~fast
     cheap = fast | narrow
     if not bool(cheap.any()):
-        return q._core.stats[4]
+        return (core if core is not None else _Core(loc, s, low, high)).stats[4]
     # Both cheap regimes on every element, each fed harmless stand-ins where it is not used (so
     # no inf/NaN reaches the gradients through torch.where), then selected: a few more small
     # operations than gathering each regime's elements, but far fewer than the gather/scatter.

@@ -23,9 +23,8 @@ from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
 
-from .distributions import LogUniform, TruncatedLogNormal, sample_sites
+from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
 from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN
 
 
@@ -36,8 +35,9 @@ class _Unsupported(Exception):
 _BOUNDS_CACHE: dict = {}
 
 
-def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-structure (low, high) of the concatenated sites (cached: they are constants)."""
+def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-structure (low, high) of the concatenated sites in ``like``'s dtype and in float64
+    (cached: they are constants)."""
     key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device)
     found = _BOUNDS_CACHE.get(key)
     if found is None:
@@ -45,7 +45,7 @@ def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, torch
             _BOUNDS_CACHE.clear()
         low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
         high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
-        found = _BOUNDS_CACHE[key] = (low, high)
+        found = _BOUNDS_CACHE[key] = (low, high, low.double(), high.double())
     return found
 
 
@@ -71,8 +71,10 @@ class _StepPosteriors:
         scale = torch.clamp(cat([p[1] for p in raw]), LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
         split = (lambda t: t.split(sizes)) if len(sizes) > 1 else (lambda t: (t,))
         self.locs, self.scales = split(loc), split(scale)
-        low, high = _site_bounds(self.layers, sizes, loc)
-        kl = kl_divergence(TruncatedLogNormal(loc, scale, low, high), LogUniform(low, high))
+        low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
+        # Each site's prior is log-uniform on its posterior's own bounds: KL with no bound terms,
+        # the same value kl_divergence(q, LogUniform(low, high)) gives.
+        kl = kl_to_own_bounds(loc.double(), scale.double(), low64, high64).to(loc.dtype)
         self.kl_all = kl
         self.kls = split(kl)
         self.batch = batch
