@@ -19,16 +19,81 @@ from typing import Callable
 
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
 
-from .distributions import LogUniform
+from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
+from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN
 
 
 class _Unsupported(Exception):
     pass
+
+
+_BOUNDS_CACHE: dict = {}
+
+
+def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-structure (low, high) of the concatenated sites in ``like``'s dtype and in float64
+    (cached: they are constants)."""
+    key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device)
+    found = _BOUNDS_CACHE.get(key)
+    if found is None:
+        if len(_BOUNDS_CACHE) > 64:
+            _BOUNDS_CACHE.clear()
+        low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
+        high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
+        found = _BOUNDS_CACHE[key] = (low, high, low.double(), high.double())
+    return found
+
+
+class _StepPosteriors:
+    """Every noise site's posterior for one loss evaluation, computed for all sites at once.
+
+    The parameters of all sites are concatenated, so the analytic KL (float64 inside) and the
+    per-structure sampling constants cost one vectorised evaluation instead of one per site.
+    When every site draws per-example noise, theta of all sites is drawn in one go too (same
+    uniforms, site by site, as separate draws would use); a site met again in the same pass,
+    or with another batch size, draws afresh from its own posterior.
+    """
+
+    def __init__(self, guide, batch: int) -> None:
+        self.names = list(guide._layers)
+        self.layers = [guide._layers[n] for n in self.names]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        # The guide's loc_scale for every site at once: clamp and exp on the concatenation.
+        raw = [guide._raw_loc_log_scale(n) for n in self.names]
+        sizes = [p[0].shape[0] for p in raw]
+        cat = (lambda ts: ts[0]) if len(sizes) == 1 else torch.cat
+        loc = cat([p[0] for p in raw])
+        scale = torch.clamp(cat([p[1] for p in raw]), LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
+        split = (lambda t: t.split(sizes)) if len(sizes) > 1 else (lambda t: (t,))
+        self.locs, self.scales = split(loc), split(scale)
+        low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
+        # Each site's prior is log-uniform on its posterior's own bounds: KL with no bound terms,
+        # the same value kl_divergence(q, LogUniform(low, high)) gives.
+        kl = kl_to_own_bounds(loc.double(), scale.double(), low64, high64).to(loc.dtype)
+        self.kl_all = kl
+        self.kls = split(kl)
+        self.batch = batch
+        self.thetas = None
+        if all(l.noise == "example" for l in self.layers):
+            theta = sample_sites(loc, scale, low, high, sizes, batch)
+            self.thetas = list(theta.split(sizes, dim=-1)) if len(sizes) > 1 else [theta]
+
+    def site(self, name: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL per structure, theta of ``shape``) of site ``name``."""
+        i = self.index[name]
+        theta = None
+        if self.thetas is not None and tuple(shape) == (self.batch, self.locs[i].shape[0]):
+            theta, self.thetas[i] = self.thetas[i], None
+        if theta is None:
+            layer = self.layers[i]
+            q = TruncatedLogNormal(self.locs[i], self.scales[i], layer.low, layer.high)
+            theta = q.expand(shape).rsample()
+        return self.kls[i], theta
 
 
 class _NoiseELBOMessenger(Messenger):
@@ -39,6 +104,13 @@ class _NoiseELBOMessenger(Messenger):
         self.guide = guide
         self.log_likelihood = 0.0
         self.kl = 0.0
+        self._step: _StepPosteriors | None = None
+        self._pending: list = []
+
+    def _posteriors(self, batch: int) -> _StepPosteriors:
+        if self._step is None:
+            self._step = _StepPosteriors(self.guide, batch)
+        return self._step
 
     def _process_message(self, msg: dict) -> None:
         if msg["type"] != "sample" or site_is_subsample(msg):
@@ -52,14 +124,80 @@ class _NoiseELBOMessenger(Messenger):
         name = msg["name"]
         if not infer.get("bmrs_noise") or name not in self.guide._layers:
             raise _Unsupported(name)
-        layer = self.guide._layers[name]
-        q = self.guide.posterior(name)
-        kl = kl_divergence(q, LogUniform(layer.low, layer.high))
         shape = fn.batch_shape
+        kl, theta = self._posteriors(shape[0] if len(shape) > 1 else 1).site(name, shape)
         # The site's KL is that of each of its B copies (one per example), scaled by the site.
         self.kl = self.kl + scale_and_mask(kl.expand(shape), msg["scale"], msg["mask"]).sum()
-        msg["value"] = q.expand(shape).rsample()
+        msg["value"] = theta
         msg["done"] = True
+
+    def noise(self, layer, batch: int, mask: "torch.Tensor | None") -> torch.Tensor:
+        """theta for ``layer`` without a Pyro sample statement (see :func:`active_noise_elbo`).
+
+        Adds exactly what the sample site would: the KL of each of the site's copies, times
+        the site's scale (``layer.kl_scale``), the structures outside ``mask`` (bool; None: all
+        kept) left out. The sum is formed in :meth:`finish`, once for all sites when it can.
+        """
+        shape = (batch, layer.num_structures) if layer.noise == "example" else (layer.num_structures,)
+        step = self._posteriors(batch if layer.noise == "example" else 1)
+        _, theta = step.site(layer.site_name, shape)
+        copies = batch if layer.noise == "example" else 1
+        self._pending.append((step.index[layer.site_name], copies * layer.kl_scale(batch), mask))
+        return theta
+
+    def finish(self) -> None:
+        """Add the KL of the sites answered by :meth:`noise`: one sum over all structures when
+        every site was met once with the same factor and no pruned structure, else site by site."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        step = self._step
+        factors = {f for _, f, _ in pending}
+        whole = sorted(i for i, _, _ in pending) == list(range(len(step.names)))
+        if whole and len(factors) == 1 and all(m is None for _, _, m in pending):
+            self.kl = self.kl + step.kl_all.sum() * factors.pop()
+            return
+        for i, factor, mask in pending:
+            kl = step.kls[i]
+            kl = kl.sum() if mask is None else torch.where(mask, kl, 0.0).sum()
+            self.kl = self.kl + kl * factor
+
+
+    def observe_categorical(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """What ``pyro.sample("obs", Categorical(logits=logits), obs=y)`` in a data plate adds:
+        sum_i log softmax(logits_i)[y_i], times the observed-site scales on the stack."""
+        check = is_validation_enabled() and logits.device.type == "cpu"  # no sync on a GPU
+        if check and not bool(torch.isfinite(logits).all()):  # as Categorical's validation
+            raise ValueError("Expected parameter logits to be finite, found invalid values (nan/inf)")
+        scale = 1.0
+        for handler in _PYRO_STACK:
+            if handler is not self:
+                scale = scale * getattr(handler, "scale", 1.0)
+        log_likelihood = -torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        self.log_likelihood = self.log_likelihood + scale * log_likelihood
+
+
+_ACTIVE: list = []
+
+
+def active_noise_elbo(layer=None) -> "_NoiseELBOMessenger | None":
+    """The one-pass ELBO messenger that may answer a site directly, or None.
+
+    Only when the Pyro stack holds nothing but that messenger and handlers marked as leaving
+    latent sites alone (``_bmrs_latent_neutral``; they may scale observed sites by their
+    ``scale``, as ``fit``'s observation scaling does): then a sample statement, with its plates,
+    scale and mask handlers, would only hand the site to the messenger, so skipping it changes
+    nothing but the time spent. ``layer``: a noise layer the guide must cover.
+    """
+    if not _ACTIVE:
+        return None
+    messenger = _ACTIVE[-1]
+    for handler in _PYRO_STACK:
+        if handler is not messenger and not getattr(handler, "_bmrs_latent_neutral", False):
+            return None
+    if layer is not None and layer.site_name not in messenger.guide._layers:
+        return None
+    return messenger
 
 
 class MeanFieldNoiseELBO:
@@ -82,13 +220,17 @@ class MeanFieldNoiseELBO:
             if guide.prototype_trace is None:
                 guide(*args, **kwargs)
             messenger = _NoiseELBOMessenger(guide)
+            _ACTIVE.append(messenger)
             try:
                 with messenger:
                     model(*args, **kwargs)
             except _Unsupported:
                 self.used_fallback = True
             else:
+                messenger.finish()
                 return messenger.kl - messenger.log_likelihood
+            finally:
+                _ACTIVE.remove(messenger)
         self.used_fallback = True
         return self._fallback.differentiable_loss(model, guide, *args, **kwargs)
 

@@ -138,6 +138,10 @@ class AutoTruncatedLogNormal(AutoGuide):
         log_scale = torch.clamp(deep_getattr(self.log_scales, name), LOG_SCALE_MIN, LOG_SCALE_MAX)
         return loc, log_scale.exp()
 
+    def _raw_loc_log_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, log_scale) of site ``name`` before the clamp and exp of :meth:`loc_scale`."""
+        return deep_getattr(self.locs, name), deep_getattr(self.log_scales, name)
+
     def posterior(self, name: str) -> TruncatedLogNormal:
         """The posterior of theta at noise site ``name`` (batch shape (S,))."""
         if self.prototype_trace is None:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pyro
 import torch
 
-from .infer import DEFAULT_PRUNE_WARMUP, History, evaluate, fit, warm_start_epochs_for
+from .infer import DEFAULT_PRUNE_WARMUP, History, _adam, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
 
 CONFIG_FILE = "config.json"
@@ -514,7 +514,7 @@ def build_experiment(config: RunConfig) -> Experiment:
     # posteriors live on log theta in [-20, 0] (see fit's guide_lr).
     params = trainable_parameters(model, guide)
     variational = {id(p) for p in guide.parameters()}
-    optimizer = torch.optim.Adam([
+    optimizer = _adam([  # fused update: the same algorithm as torch.optim.Adam, fewer operations
         {"params": [p for p in params if id(p) not in variational], "lr": config.lr},
         {"params": [p for p in params if id(p) in variational], "lr": config.guide_lr},
     ])
