@@ -23,7 +23,8 @@ from bmrs_pyro.cli import main
 
 EPOCHS = 12
 ARGS = ["--hidden", "48", "--batch-size", "128", "--epochs", str(EPOCHS), "--finetune-epochs", "2",
-        "--prune-every", "4", "--reference-code", "--kl-weight", "10", "--guide-lr", "0.3", "--quiet", "--no-report"]
+        "--warm-start-epochs", "2", "--prune-every", "4", "--prune-start", "4", "--reference-code",
+        "--kl-weight", "10", "--guide-lr", "0.3", "--quiet", "--no-report"]
 #: metrics that measure time, or say that the run was resumed: everything else must match exactly.
 TIMING_KEYS = {"seconds", "train_seconds", "latency_ms", "epochs"}
 
