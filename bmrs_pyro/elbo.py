@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import ELBO, TraceMeanField_ELBO
 from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -200,16 +200,19 @@ def active_noise_elbo(layer=None) -> "_NoiseELBOMessenger | None":
     return messenger
 
 
-class MeanFieldNoiseELBO:
+class MeanFieldNoiseELBO(ELBO):
     """Negative ELBO with analytic KL for multiplicative-noise models, in one model pass.
 
-    Has the ``loss`` / ``differentiable_loss`` / ``loss_and_grads`` methods of a Pyro ELBO, so
-    it also works with ``pyro.infer.SVI``.
+    A :class:`pyro.infer.ELBO` (``loss``, ``loss_and_grads``, ``differentiable_loss``): pass it
+    to ``pyro.infer.SVI`` with a ``pyro.optim`` optimiser like any other. Same value and
+    gradients as ``TraceMeanField_ELBO``; models with latent sites other than the noise layers
+    fall back to it.
     """
 
     def __init__(self, num_particles: int = 1) -> None:
         if num_particles != 1:
             raise ValueError("MeanFieldNoiseELBO draws one particle; use TraceMeanField_ELBO for more")
+        super().__init__(num_particles=1)
         self._fallback = TraceMeanField_ELBO()
         self.used_fallback = False
 
@@ -222,7 +225,9 @@ class MeanFieldNoiseELBO:
             messenger = _NoiseELBOMessenger(guide)
             _ACTIVE.append(messenger)
             try:
-                with messenger:
+                # Inside the guide's module context its parameters are read through pyro.param,
+                # as in the guide's own forward, so pyro.infer.SVI sees (and updates) them.
+                with guide._pyro_context, messenger:
                     model(*args, **kwargs)
             except _Unsupported:
                 self.used_fallback = True
@@ -233,6 +238,10 @@ class MeanFieldNoiseELBO:
                 _ACTIVE.remove(messenger)
         self.used_fallback = True
         return self._fallback.differentiable_loss(model, guide, *args, **kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # The one-pass loss never builds model/guide trace pairs; the fallback builds its own.
+        return self._fallback._get_trace(model, guide, args, kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():

@@ -443,3 +443,34 @@ def test_structures_masked_before_fit_keep_their_variational_parameters(noisy_ml
     for b, a in zip(before, after):
         assert torch.equal(a.detach()[[1, 4]], b[[1, 4]])
         assert not torch.equal(a.detach()[[0, 2]], b[[0, 2]])
+
+
+def test_the_one_pass_loss_is_a_pyro_elbo_that_plugs_into_svi(digits):
+    """SVI(model, guide, pyro.optim.Adam, MeanFieldNoiseELBO()).step trains weights and posteriors
+    (it used to raise TypeError: not callable), with the same loss value as TraceMeanField_ELBO."""
+    from pyro.infer import ELBO, SVI, TraceMeanField_ELBO
+    from pyro.optim import Adam
+
+    from bmrs_pyro.elbo import MeanFieldNoiseELBO
+    from bmrs_pyro.models import mlp
+
+    (x, y), _ = digits
+    x, y = x[:64], y[:64]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = mlp(64, 10, hidden=(12,))
+    guide = AutoTruncatedLogNormal(model)
+    guide(x, y)
+    assert isinstance(MeanFieldNoiseELBO(), ELBO)
+    pyro.set_rng_seed(3)
+    ours = MeanFieldNoiseELBO().loss(model, guide, x, y)
+    pyro.set_rng_seed(3)
+    theirs = TraceMeanField_ELBO().loss(model, guide, x, y)
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    weights = [p.detach().clone() for p in model.parameters()]
+    posterior = [p.detach().clone() for p in guide.parameters()]
+    svi = SVI(model, guide, Adam({"lr": 0.01}), MeanFieldNoiseELBO())
+    losses = [svi.step(x, y) for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(posterior, guide.parameters()))
