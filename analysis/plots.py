@@ -390,7 +390,8 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
 # ---------------------------------------------------------------------------- ELBO
 
 
-def _history_parts(history: Any) -> tuple[np.ndarray, list]:
+def _history_parts(history: Any) -> tuple[np.ndarray, list, np.ndarray]:
+    """(ELBO per SVI epoch, events, log likelihood per deterministic warm-start epoch)."""
     import arviz as az
 
     if isinstance(history, az.InferenceData):
@@ -411,7 +412,8 @@ def _history_parts(history: Any) -> tuple[np.ndarray, list]:
         raise ValueError("history must be a History, a dict with 'elbo' or a list of floats") from None
     if elbo.ndim != 1 or elbo.size == 0:
         raise ValueError("history has no ELBO values")
-    return elbo, list(events or [])
+    events = list(events or [])
+    return elbo, events, _warm_start_part(history, events)
 
 
 def _warm_start_part(history: Any, events: list) -> np.ndarray:
@@ -437,16 +439,7 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     likelihood drawn dashed. The y range follows the ELBO after the first epochs (the first
     ones are far below and would flatten the rest); what it leaves out is said in the title.
     """
-    raw = history
-    if not isinstance(raw, (Mapping, list, tuple, np.ndarray)) and not hasattr(raw, "elbo"):
-        import arviz as az
-
-        if isinstance(raw, az.InferenceData):
-            from .inference_data import history_from_idata
-
-            raw = history_from_idata(raw) or {}
-    elbo, events = _history_parts(history)
-    warm = _warm_start_part(raw, events)
+    elbo, events, warm = _history_parts(history)
     fig, axes = _figure(1, row_height=3.6)
     ax = axes[0, 0]
     epochs = np.arange(1, elbo.size + 1) + warm.size

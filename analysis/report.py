@@ -356,6 +356,7 @@ def render_html(
     from bmrs_pyro import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    decision = decision_sentence(metrics)
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -365,7 +366,7 @@ def render_html(
         f"Method: <code>{_esc(config.get('method', 'n/a'))}</code>; model: "
         f"<code>{_esc(config.get('model', 'n/a'))}</code>; data: <code>{_esc(config.get('data', config.get('dataset', 'n/a')))}</code>.</p>",
         _cards(metrics),
-        (f'<p class="decision">{_esc(decision_sentence(metrics))}</p>' if decision_sentence(metrics) else ""),
+        f'<p class="decision">{_esc(decision)}</p>' if decision else "",
         "<h2>Layers</h2>", _layer_table(layers),
         "<h2>Figures</h2>",
     ]

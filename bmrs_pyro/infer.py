@@ -502,21 +502,12 @@ def _prune_due(done: int, prune_start: int, prune_every: int) -> bool:
 
 
 def _prune(model, guide, method: str, options: dict, epoch: int, history: History, data) -> dict:
-    from .pruner import check_jointly, reduce  # late import: the reduction builds on this module
+    from .pruner import guarded_reduce, prune_event  # late import: the reduction builds on this module
 
-    options = dict(options)
-    options.setdefault("min_keep", 1)  # continuous pruning never empties a layer unless asked to
-    joint = options.pop("joint_check", True)
-    result = reduce(model, guide, method, **options)
-    if joint:
-        result = check_jointly(result, model, guide, data)
-    result.apply()
-    event = {"epoch": epoch, "event": "prune", "method": method,
-             "kept": {k: int(v.sum()) for k, v in result.keep.items()},
-             "fraction_removed": result.fraction_removed}
-    if "joint_check" in result.options:
-        event["joint_check"] = dict(result.options["joint_check"])
-    history.events.append(event)
+    # Continuous pruning never empties a layer unless asked to (min_keep=0) and holds each BMRS
+    # reduction to its margin jointly (joint_check=False turns that off).
+    result = guarded_reduce(model, guide, method, data, **options).apply()
+    history.events.append(prune_event(result, epoch))
     return _freeze_masked(model, guide)
 
 

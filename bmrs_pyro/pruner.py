@@ -348,17 +348,12 @@ def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_
     """Sum over (x, y) of log p(y | x) in deterministic mode (E_q[theta] * mask); leaves the random
     state, the modules' train/eval modes and BatchNorm statistics as they were."""
     from .criteria import _quiet_eval
-    from .infer import _class_log_probs, _logits_and_obs  # late import: training builds on this module
-    from .nn import noise_mode
+    from .infer import _evaluate  # late import: training builds on this module
 
-    total = 0.0
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with _quiet_eval(model), noise_mode(model, "mean"):
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size]
-            log_p = _class_log_probs(_logits_and_obs(model, xb, "obs"))
-            total += float(log_p.gather(-1, yb.long().unsqueeze(-1).to(log_p.device)).sum())
-    return total
+    with _quiet_eval(model):
+        nll = _evaluate(model, guide, (x, y), "mean", 1, batch_size, "obs", device)["nll"]
+    return -nll * x.shape[0]
 
 
 def _some_examples(data, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -488,4 +483,26 @@ def check_jointly(
     )
 
 
-__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "reduce"]
+def guarded_reduce(model: torch.nn.Module, guide, method: str | Criterion, train_data, *,
+                   joint_check: bool = True, **options) -> ReductionResult:
+    """:func:`reduce` as training and ``bmrs run`` apply it: at least one structure per layer
+    (``min_keep=1`` unless given) and, for BMRS rules, :func:`check_jointly` on ``train_data``
+    (skipped with ``joint_check=False``). ``train_data`` also feeds criteria that need data."""
+    options.setdefault("min_keep", 1)
+    if get_criterion(method).needs_data:
+        options.setdefault("data", train_data)
+    result = reduce(model, guide, method, **options)
+    return check_jointly(result, model, guide, train_data) if joint_check else result
+
+
+def prune_event(result: ReductionResult, epoch: int, **extra) -> dict:
+    """The ``History.events`` entry of a reduction applied after ``epoch`` (0-based)."""
+    event = {"epoch": epoch, "event": "prune", "method": result.method,
+             "kept": {k: int(v.sum()) for k, v in result.keep.items()},
+             "fraction_removed": result.fraction_removed, **extra}
+    if "joint_check" in result.options:
+        event["joint_check"] = dict(result.options["joint_check"])
+    return event
+
+
+__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "guarded_reduce", "prune_event", "reduce"]

@@ -270,8 +270,6 @@ class RunConfig:
             if self.reference_code and self.method != "bmrs_n":
                 raise ValueError(f"--reference-code applies to bmrs_n only, not to {self.method!r}")
             resolve_margin(self.margin, self.reference_code)
-        if self.method == "bmrs_u" and self.bits < 1:
-            raise ValueError(f"bits must be >= 1 (the reduced prior of bmrs_u ends at log 2^-bits), got {self.bits!r}")
         if self.method == "none" and (self.fraction is not None or self.prune_every):
             raise ValueError("--method none removes nothing: drop --fraction and --prune-every")
         if self.warm_start_epochs is not None:
@@ -598,19 +596,13 @@ def final_reduction(exp: Experiment):
     to its margin jointly on the training data (:func:`bmrs_pyro.pruner.check_jointly`), so the
     run always ends with a working network.
     """
-    from .criteria import CRITERIA
-    from .pruner import check_jointly, reduce
+    from .pruner import guarded_reduce, prune_event
 
     cfg = exp.config
-    data = exp.data.train if CRITERIA[cfg.method].needs_data else None
-    result = reduce(exp.model, exp.guide, cfg.method, fraction=cfg.fraction, data=data, min_keep=1,
-                    **cfg.method_options)
-    result = check_jointly(result, exp.model, exp.guide, exp.data.train)
-    exp.history.events.append({"epoch": cfg.epochs - 1, "event": "prune", "method": cfg.method,
-                               "kept": {k: int(v.sum()) for k, v in result.keep.items()},
-                               "fraction_removed": result.fraction_removed, "final": True})
-    result.apply()
-    return result
+    result = guarded_reduce(exp.model, exp.guide, cfg.method, exp.data.train, fraction=cfg.fraction,
+                            **cfg.method_options)
+    exp.history.events.append(prune_event(result, cfg.epochs - 1, final=True))
+    return result.apply()
 
 
 def finetune(exp: Experiment, *, progress: bool = True) -> History:
