@@ -48,7 +48,7 @@ PARTS = {
     "guide_params": [("bmrs_pyro/guides.py", ("loc_scale", "_raw_loc_log_scale"))],
     "backward": [("torch/_tensor.py", ("backward",))],
     "optimizer": [("torch/optim/optimizer.py", ("wrapper", "zero_grad"))],
-    "data_slicing": [("bmrs_pyro/infer.py", ("iterate_batches",))],
+    "data_slicing": [("bmrs_pyro/batching.py", ("iterate_batches",))],
     "progress_bar": [("tqdm/std.py", ("update", "set_postfix", "refresh", "close", "__init__"))],
 }
 

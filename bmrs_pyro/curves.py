@@ -252,7 +252,6 @@ def prune_curve(
 
     links = structure_map(model, example_input(model, guide, data))
     original_masks = {site: layer.mask.detach().clone() for site, layer in layers.items()}
-    kl_weights = {site: layer.kl_weight for site, layer in layers.items()}
     snapshots = (_snapshot(model), _snapshot(guide)) if finetune_epochs > 0 else None
     _, num_parameters = _count(model, links, _check_masks(layers, None))
 
@@ -263,7 +262,6 @@ def prune_curve(
         with torch.no_grad():
             for site, layer in layers.items():
                 layer.mask.copy_(original_masks[site])
-                layer.kl_weight = kl_weights[site]
 
     def point(fraction: Optional[float]) -> CurvePoint:
         result = reduce(model, guide, crit, fraction=fraction, data=score_data, **options)

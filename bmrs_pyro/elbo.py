@@ -15,10 +15,11 @@ If the model has any other latent site (Bayesian weights, say) or the guide is n
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
-from pyro.infer import ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.distributions.util import is_validation_enabled, scale_and_mask
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -124,10 +125,13 @@ class _NoiseELBOMessenger(Messenger):
         name = msg["name"]
         if not infer.get("bmrs_noise") or name not in self.guide._layers:
             raise _Unsupported(name)
-        shape = fn.batch_shape
+        batch_shape = fn.batch_shape  # (B,) per example, () global; the structures are the event
+        shape = batch_shape + fn.event_shape
         kl, theta = self._posteriors(shape[0] if len(shape) > 1 else 1).site(name, shape)
+        keep = self.guide._layers[name].mask.bool()
+        per_copy = torch.where(keep, kl, 0.0).sum(-1)  # pruned structures are masked in the site
         # The site's KL is that of each of its B copies (one per example), scaled by the site.
-        self.kl = self.kl + scale_and_mask(kl.expand(shape), msg["scale"], msg["mask"]).sum()
+        self.kl = self.kl + scale_and_mask(per_copy.expand(batch_shape), msg["scale"], msg["mask"]).sum()
         msg["value"] = theta
         msg["done"] = True
 
@@ -200,20 +204,81 @@ def active_noise_elbo(layer=None) -> "_NoiseELBOMessenger | None":
     return messenger
 
 
+class ScaleLatent(Messenger):
+    """Multiply the log densities of latent sample sites by ``weight`` (observed sites untouched).
+
+    Wrapped around both model and guide it multiplies the KL part of any trace ELBO by ``weight``:
+    the ``kl_weight`` of :func:`bmrs_pyro.infer.fit`. ``weight = 0`` masks the sites out (Pyro's
+    scale handler refuses 0); ``weight = 1`` changes nothing.
+    """
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = check_kl_weight(weight)
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
+            return
+        if self.weight == 0:
+            msg["mask"] = False
+        else:
+            msg["scale"] = msg["scale"] * self.weight
+
+
+def check_kl_weight(kl_weight) -> float:
+    """``kl_weight`` as a float; ValueError unless it is a finite number >= 0."""
+    if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) or not (
+            kl_weight >= 0 and math.isfinite(kl_weight)):
+        raise ValueError(f"kl_weight must be a finite number >= 0 (1 is the true ELBO), got {kl_weight!r}")
+    return float(kl_weight)
+
+
+class _KLWeighted:
+    """Mixin for a Pyro trace ELBO: the latent sites' terms (the KL) times ``kl_weight``."""
+
+    def __init__(self, *args, kl_weight: float = 1.0, **kwargs) -> None:
+        self.kl_weight = check_kl_weight(kl_weight)
+        super().__init__(*args, **kwargs)
+
+    def _weighted(self, model, guide) -> tuple:
+        if self.kl_weight == 1.0:
+            return model, guide
+        return ScaleLatent(self.kl_weight)(model), ScaleLatent(self.kl_weight)(guide)
+
+    def loss(self, model, guide, *args, **kwargs):
+        return super().loss(*self._weighted(model, guide), *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return super().loss_and_grads(*self._weighted(model, guide), *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        return super().differentiable_loss(*self._weighted(model, guide), *args, **kwargs)
+
+
+class WeightedTraceMeanField_ELBO(_KLWeighted, TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` with its KL times ``kl_weight`` (keyword; default 1)."""
+
+
+class WeightedTrace_ELBO(_KLWeighted, Trace_ELBO):
+    """``Trace_ELBO`` with its latent (KL) part times ``kl_weight`` (keyword; default 1)."""
+
+
 class MeanFieldNoiseELBO(ELBO):
     """Negative ELBO with analytic KL for multiplicative-noise models, in one model pass.
 
     A :class:`pyro.infer.ELBO` (``loss``, ``loss_and_grads``, ``differentiable_loss``): pass it
     to ``pyro.infer.SVI`` with a ``pyro.optim`` optimiser like any other. Same value and
     gradients as ``TraceMeanField_ELBO``; models with latent sites other than the noise layers
-    fall back to it.
+    fall back to it. ``kl_weight`` multiplies the KL term (1: the true ELBO), so the loss is
+    ``-sum log p (at the observed sites' scales) + kl_weight * sum KL``.
     """
 
-    def __init__(self, num_particles: int = 1) -> None:
+    def __init__(self, num_particles: int = 1, *, kl_weight: float = 1.0) -> None:
         if num_particles != 1:
             raise ValueError("MeanFieldNoiseELBO draws one particle; use TraceMeanField_ELBO for more")
         super().__init__(num_particles=1)
-        self._fallback = TraceMeanField_ELBO()
+        self.kl_weight = check_kl_weight(kl_weight)
+        self._fallback = WeightedTraceMeanField_ELBO(kl_weight=self.kl_weight)
         self.used_fallback = False
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
@@ -233,7 +298,9 @@ class MeanFieldNoiseELBO(ELBO):
                 self.used_fallback = True
             else:
                 messenger.finish()
-                return messenger.kl - messenger.log_likelihood
+                if self.kl_weight == 0:
+                    return -messenger.log_likelihood
+                return self.kl_weight * messenger.kl - messenger.log_likelihood
             finally:
                 _ACTIVE.remove(messenger)
         self.used_fallback = True

@@ -156,12 +156,11 @@ class AutoTruncatedLogNormal(AutoGuide):
         batch = None
         result = {}
         for name, layer in self._layers.items():
-            q = self.posterior(name)
             if layer.noise == "example":
                 batch = batch or _batch_size(args, kwargs)
-                q = q.expand((batch, layer.num_structures))
             else:
                 batch = batch or (_batch_size(args, kwargs) if (args or kwargs) else 1)
+            q = layer.site_distribution(self.posterior(name), batch)
             with layer.site_context(batch):
                 result[name] = pyro.sample(name, q, infer={NOISE_SITE_KEY: True})
         return result

@@ -1,33 +1,44 @@
-"""Training by SVI and evaluation of multiplicative-noise Pyro models."""
+"""Training of multiplicative-noise Pyro models: ``fit``, a thin loop over a Pyro ELBO.
+
+Each step is what ``pyro.infer.SVI.step`` does (loss, backward, one optimiser step), with the
+minibatch likelihood scaled by N/B (:class:`ScaleObserved`), a progress bar, a divergence check
+and callbacks between epochs (:mod:`bmrs_pyro.callbacks`; continuous pruning is one). The loop
+itself, :func:`run_epoch`, is also the deterministic baselines' trainer. Evaluation lives in
+:mod:`bmrs_pyro.evaluation`, the optimiser and the freezing of pruned structures in
+:mod:`bmrs_pyro.optim`, batching in :mod:`bmrs_pyro.batching`; their public names are
+re-exported here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence
 
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checks import InputError, check_data
-from .elbo import MeanFieldNoiseELBO
-from .nn import noise_mode, noise_modules, set_kl_weight
+from .batching import Data, as_tensors, check_positive, dataset_size, iterate_batches, num_batches
+from .callbacks import DEFAULT_PRUNE_WARMUP, PruneEvery
+from .checks import check_data
+from .elbo import MeanFieldNoiseELBO, WeightedTrace_ELBO, WeightedTraceMeanField_ELBO, check_kl_weight
+from .evaluation import _evaluate, classify, evaluate  # noqa: F401  (re-exported)
+from .nn import noise_mode
+from .optim import adam, freeze_pruned, param_groups, trainable_parameters
 from .rng import capture_rng, restore_rng
 
-Data = Union[tuple, DataLoader]
+_adam = adam  # the name runs.py imports
 
-#: Share of the epochs of a ``fit`` call with continuous pruning that pass before the first
-#: reduction: posteriors start wherever they were initialised (near the prior, possibly) and BMR
-#: can only tell needed from unneeded structures once the data have moved them.
-DEFAULT_PRUNE_WARMUP = 0.25
-
+__all__ = ["fit", "evaluate", "History", "TrainingDivergedError", "ScaleObserved", "iterate_batches",
+           "minibatch_loss", "make_elbo", "deterministic_loss", "run_epoch", "warm_start_epochs_for",
+           "WARM_START_FRACTION", "DEFAULT_PRUNE_WARMUP", "PruneEvery"]
 
 #: The training recipe's default (issue 11): the share of the epoch budget that ``bmrs run``,
 #: ``bmrs compare`` and ``make results`` spend on the deterministic warm start of :func:`fit`
@@ -41,7 +52,7 @@ def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) ->
     ``0 <= fraction < 1``."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"the warm-start fraction must be in [0, 1), got {fraction!r}")
-    _check_positive("epochs", epochs, int)
+    check_positive("epochs", epochs, int)
     return min(int(round(fraction * epochs)), epochs - 1)
 
 
@@ -90,39 +101,36 @@ class ScaleObserved(Messenger):
             msg["scale"] = msg["scale"] * self.scale
 
 
-_ELBOS = {"meanfield": MeanFieldNoiseELBO, "trace": Trace_ELBO}
+LOSSES = ("meanfield", "trace")
 
 
-def make_elbo(loss: str = "meanfield", num_particles: int = 1):
-    """The ELBO object for ``loss``: ``"meanfield"`` (analytic KL; our one-pass implementation,
-    or Pyro's ``TraceMeanField_ELBO`` for several particles) or ``"trace"`` (``Trace_ELBO``)."""
-    if loss not in _ELBOS:
-        raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
-    if loss == "meanfield" and num_particles != 1:
-        return TraceMeanField_ELBO(num_particles=num_particles)
-    return _ELBOS[loss](num_particles=num_particles)
+def make_elbo(loss: str = "meanfield", num_particles: int = 1, *, kl_weight: float = 1.0) -> ELBO:
+    """The ELBO object for ``loss``: ``"meanfield"`` (analytic KL; our one-pass
+    :class:`~bmrs_pyro.elbo.MeanFieldNoiseELBO`, or Pyro's ``TraceMeanField_ELBO`` for several
+    particles) or ``"trace"`` (``Trace_ELBO``), with the KL term times ``kl_weight``."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} or a pyro.infer.ELBO, got {loss!r}")
+    if loss == "trace":
+        return WeightedTrace_ELBO(num_particles=num_particles, kl_weight=kl_weight)
+    if num_particles != 1:
+        return WeightedTraceMeanField_ELBO(num_particles=num_particles, kl_weight=kl_weight)
+    return MeanFieldNoiseELBO(kl_weight=kl_weight)
 
 
-def minibatch_loss(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    dataset_size: int,
-    kl_weight: Optional[float] = None,
-    loss: str = "meanfield",
-    elbo=None,
-) -> torch.Tensor:
+def minibatch_loss(model: Callable, guide: Callable, x: torch.Tensor, y: torch.Tensor, *, dataset_size: int,
+                   kl_weight: Optional[float] = None, loss: str = "meanfield", elbo: Optional[ELBO] = None
+                   ) -> torch.Tensor:
     """Differentiable negative ELBO of one minibatch, on the scale of the whole data set.
 
     ``-(N/B) sum_batch log p(y_i | x_i, theta_i) + kl_weight * sum_structures KL(q || p)``;
     the KL is analytic with ``loss="meanfield"`` and a Monte Carlo estimate with ``"trace"``.
-    ``kl_weight`` (if given) is stored on the model's noise layers.
+    ``elbo``: a ready ELBO object (then ``loss`` and ``kl_weight`` must not be given: the ELBO
+    carries its own ``kl_weight``).
     """
-    if kl_weight is not None and isinstance(model, torch.nn.Module):
-        set_kl_weight(model, kl_weight)
-    elbo = elbo if elbo is not None else make_elbo(loss)
+    if elbo is None:
+        elbo = make_elbo(loss, kl_weight=1.0 if kl_weight is None else kl_weight)
+    elif kl_weight is not None:
+        raise ValueError("pass kl_weight to the ELBO (e.g. MeanFieldNoiseELBO(kl_weight=...)), not with elbo=")
     scale = dataset_size / x.shape[0]
 
     def scaled_model(x, y):
@@ -132,74 +140,41 @@ def minibatch_loss(
     return elbo.differentiable_loss(scaled_model, guide, x, y)
 
 
-def _as_tensors(data: Data, name: str) -> tuple:
-    if isinstance(data, DataLoader):
-        return data
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise InputError(f"{name} must be a tuple (X, y) of tensors or a DataLoader, got {type(data).__name__}")
-    x, y = data
-    if not (torch.is_tensor(x) and torch.is_tensor(y)):
-        raise InputError(f"{name} must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
-    if x.shape[0] != y.shape[0]:
-        raise InputError(f"{name}: X has {x.shape[0]} rows but y has {y.shape[0]}; pass one label per example")
-    if x.shape[0] == 0:
-        raise InputError(f"{name} is empty (0 examples); pass at least one example")
-    return x, y
+def run_epoch(step_loss: Callable, optimizer: torch.optim.Optimizer, batches: Iterable, *, bar=None,
+              after_step: Optional[Callable] = None, name: Callable = "step {}".format,
+              diagnose: Optional[Callable] = None) -> list:
+    """One epoch of minibatch training, the loop every trainer shares (SVI, the warm start, the
+    deterministic baselines).
 
-
-def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=None, device="cpu"):
-    """Yield (x, y) minibatches from a tensor pair or a DataLoader."""
-    if isinstance(data, DataLoader):
-        for x, y in data:
-            yield x.to(device), y.to(device)
-        return
-    x, y = data
-    n = x.shape[0]
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield x[idx].to(device), y[idx].to(device)
-
-
-def _dataset_size(data: Data) -> int:
-    if isinstance(data, DataLoader):
-        return len(data.dataset)
-    return data[0].shape[0]
-
-
-def _check_positive(name: str, value, kind=float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if kind is int and int(value) != value:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-
-
-def _trainable(model, guide, param_trace=None) -> list:
-    """Module parameters of model and guide, plus any bare ``pyro.param`` sites they use."""
-    candidates = []
-    for module in (model, guide):
-        if isinstance(module, torch.nn.Module):
-            candidates += list(module.parameters())
-    if param_trace is not None:
-        for site in param_trace.nodes.values():
-            value = site["value"]
-            candidates.append(value.unconstrained() if hasattr(value, "unconstrained") else value)
-    seen, params = set(), []
-    for p in candidates:
-        if p.requires_grad and p.is_leaf and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    return params
-
-
-def _param_groups(params: list, guide, lr: float, guide_lr: Optional[float]) -> list:
-    """One Adam group, or two when the variational parameters get their own learning rate."""
-    if guide_lr is None or not isinstance(guide, torch.nn.Module):
-        return [{"params": params, "lr": lr}]
-    variational = {id(p) for p in guide.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in variational], "lr": lr},
-              {"params": [p for p in params if id(p) in variational], "lr": guide_lr}]
-    return [g for g in groups if g["params"]]
+    Per ``(x, y)`` of ``batches``: zero the gradients, ``loss = step_loss(x, y)``, stop with
+    :class:`TrainingDivergedError` if it is NaN/inf or a distribution rejects NaN parameters
+    (the message starts with ``name(i)`` for the epoch's ``i``-th step and goes on with
+    ``diagnose(loss)`` when given), backward, ``optimizer.step()``, ``after_step()``, advance
+    ``bar``. Returns the loss values.
+    """
+    values = []
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss_value = step_loss(x, y)
+        except ValueError as err:  # e.g. a distribution rejecting NaN logits
+            if isinstance(err, TrainingDivergedError) or ("nan" not in str(err).lower()
+                                                          and "invalid values" not in str(err)):
+                raise
+            raise TrainingDivergedError(f"{name(len(values))}: non-finite values in the model: "
+                                        f"{_first_line(err)}") from err
+        if not torch.isfinite(loss_value):
+            detail = diagnose(loss_value) if diagnose is not None else (
+                f"the loss is {loss_value.item()} (check the learning rate and the data for NaN/inf)")
+            raise TrainingDivergedError(f"{name(len(values))}: {detail}")
+        loss_value.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        values.append(loss_value.item())
+        if bar is not None:
+            bar.update(1)
+    return values
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -209,22 +184,13 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _adam(groups: list) -> torch.optim.Adam:
-    """Adam with the fused update (one kernel per parameter, CPU and CUDA) where every parameter
-    allows it, else the multi-tensor (``foreach``) one: the same algorithm and hyperparameters
-    as ``torch.optim.Adam``'s default per-tensor loop, a few operations per step instead of ~10
-    per parameter."""
-    params = [p for g in groups for p in g["params"]]
-    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(groups, fused=True) if fusable else torch.optim.Adam(groups, foreach=True)
-
-
-def _diagnose_nan(guide, step: int, loss: torch.Tensor) -> str:
+def _diagnose_nan(guide, loss: torch.Tensor) -> str:
     for name, p in getattr(guide, "named_parameters", lambda: [])():
         bad = ~torch.isfinite(p)
         if bad.any():
-            return f"step {step}: loss {loss.item()}; guide parameter {name} has {int(bad.sum())} non-finite values (e.g. {p[bad].flatten()[0].item()})"
-    return f"step {step}: the loss is {loss.item()} (check the learning rate and the data for NaN/inf)"
+            return (f"loss {loss.item()}; guide parameter {name} has {int(bad.sum())} non-finite values "
+                    f"(e.g. {p[bad].flatten()[0].item()})")
+    return f"the loss is {loss.item()} (check the learning rate and the data for NaN/inf)"
 
 
 def fit(
@@ -240,71 +206,58 @@ def fit(
     seed: int = 0,
     callbacks: Sequence[Callable] = (),
     device: str = "cpu",
-    loss: str = "meanfield",
-    num_particles: int = 1,
+    loss="meanfield",
+    warm_start_epochs: int = 0,
+    progress: bool = True,
     prune_every: Optional[int] = None,
     prune_method: str = "bmrs_n",
     prune_options: Optional[dict] = None,
     prune_start: Optional[int] = None,
-    progress: bool = True,
     start_epoch: int = 0,
     optimizer: Optional[torch.optim.Optimizer] = None,
     history: Optional[History] = None,
     rng_state: Optional[dict] = None,
-    warm_start_epochs: int = 0,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
     The model is ordinary Pyro: layers with :class:`~bmrs_pyro.nn.MultiplicativeNoise`, then
-    ``with pyro.plate("data", x.shape[0]): pyro.sample("obs", ..., obs=y)``. ``fit`` scales the
-    observed sites by N/B and sets ``kl_weight`` on every noise layer, so each step minimises
+    ``with pyro.plate("data", x.shape[0]): pyro.sample("obs", ..., obs=y)``. Each step is an
+    ``SVI.step`` of the loss (``MeanFieldNoiseELBO(kl_weight=kl_weight)`` by default) on the model
+    with its observed sites scaled by N/B, so it minimises
 
         -(N/B) sum_batch log p(y_i | x_i, theta_i) + kl_weight * sum_structures KL(q || p).
 
     ``kl_weight=1`` is the true ELBO. The BMRS authors' loss (mean cross-entropy + mean KL per
     structure, averaged over layers) corresponds to kl_weight ~ N / (num_layers * structures per
-    layer), a much heavier KL.
+    layer), a much heavier KL. Structures masked at any time (before the call, by a callback)
+    keep their variational parameters (:func:`bmrs_pyro.optim.freeze_pruned`).
 
     Args:
-        train_data: ``(X, y)`` tensors or a ``DataLoader``.
+        train_data: ``(X, y)`` tensors (minibatches sliced from them) or a ``DataLoader``.
         lr, guide_lr: Adam learning rates of the network's weights and of the variational
             parameters (default: ``lr`` for both). Adam moves a parameter by about its learning
             rate per step, and log theta lives on [-20, 0]: on a small data set (digits: 12 steps
-            an epoch) a posterior needs a larger rate than the weights, e.g. 0.05, to get
-            anywhere near where the evidence puts it within a few hundred steps.
-        loss: ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KL) or ``"trace"`` (``Trace_ELBO``,
-            Monte Carlo KL).
-        prune_every: if set, apply :func:`bmrs_pyro.reduce` with ``prune_method`` every
-            ``prune_every`` epochs (continuous pruning); pruned structures stop contributing to
-            the likelihood and the KL and their variational parameters stay fixed. Every
-            reduction keeps at least one structure per layer unless ``prune_options`` says
-            ``min_keep=0``.
-        prune_options: keyword options of the reduction (``margin``, ``bits``, ``min_keep``, ...),
-            and ``joint_check`` (default True): hold each BMRS reduction to its margin jointly on
-            the training data (:func:`bmrs_pyro.pruner.check_jointly`), so that structures that
-            are each a near-tie but together carry the fit are not removed all at once.
-        prune_start: the epoch (counted from the start of training, like ``start_epoch``) after
-            which the first reduction happens, then every ``prune_every`` epochs. Default:
-            ``start_epoch + ceil(DEFAULT_PRUNE_WARMUP * epochs)``, a warm-up of a quarter of the
-            epochs, so that no decision is taken before the data have informed the posteriors.
-        callbacks: each is called as ``callback(epoch, history, model, guide)`` after every
-            epoch; returning ``True`` stops training.
+            an epoch) a posterior needs a larger rate than the weights, e.g. 0.05.
+        loss: ``"meanfield"`` (analytic KL), ``"trace"`` (``Trace_ELBO``, Monte Carlo KL), or a
+            ``pyro.infer.ELBO`` object (then ``kl_weight`` must be 1: the object has its own).
+        callbacks: called as ``callback(epoch, history, model, guide)`` after every epoch;
+            returning ``True`` stops training; an optional ``begin(**context)`` method is called
+            first (see :mod:`bmrs_pyro.callbacks`). ``history.rng_state`` holds the random state
+            to continue from when each callback runs (for checkpoints).
+        warm_start_epochs: the first ``warm_start_epochs`` of the ``epochs`` (counted inside
+            them) train the deterministic twin of the network: every noise layer in ``"off"``
+            mode (theta = 1), loss ``-(N/B) sum_batch log p(y_i | x_i, theta=1)``, no KL, the
+            same Adam (the weights' group at ``lr``); the variational parameters are not touched,
+            and no continuous pruning happens then. ``History.warm_start`` records them. The
+            model's only latent sites must be its noise layers. 0 (default): SVI from the start.
+        prune_every, prune_method, prune_options, prune_start: shorthand for
+            ``callbacks=[PruneEvery(prune_every, prune_method, prune_options, start=prune_start),
+            *callbacks]`` (:class:`~bmrs_pyro.callbacks.PruneEvery`: continuous pruning, guarded;
+            default start: a quarter of the SVI epochs after the warm start).
         start_epoch, optimizer, history: to resume an interrupted run.
         rng_state: the random state to continue from (:func:`bmrs_pyro.rng.capture_rng`, as
-            saved in a checkpoint) instead of seeding with ``seed``: with it, a run resumed at an
-            epoch boundary draws the same numbers (noise samples, minibatch order) as the
-            uninterrupted run, and ends bit-identical on CPU. After every epoch ``fit`` stores
-            the state to continue from in ``history.rng_state`` (before the callbacks run).
-        warm_start_epochs: the first ``warm_start_epochs`` of the ``epochs`` (counted inside
-            them, not added) train the deterministic twin of the network: every noise layer in
-            ``"off"`` mode (theta = 1), loss ``-(N/B) sum_batch log p(y_i | x_i, theta=1)``, no
-            KL term, the same Adam (the weights' group at ``lr``) whose state carries on into
-            the SVI epochs; the variational parameters are not touched (they start SVI at their
-            initial values), and no continuous-pruning step happens in these epochs (the
-            pruning warm-up counts from their end). ``History.warm_start`` records them. The
-            model's only latent sites must be its noise layers. 0 (default): SVI from the start.
-            ``bmrs run`` and ``bmrs compare`` use a warm start by default (see the README's
-            "Training recipe").
+            saved in a checkpoint) instead of seeding with ``seed``: a run resumed at an epoch
+            boundary draws the same numbers as the uninterrupted run and ends bit-identical on CPU.
 
     Raises:
         ValueError: bad arguments; :class:`~bmrs_pyro.checks.InputError` (a ValueError) for data
@@ -313,32 +266,27 @@ def fit(
         (a ValueError) if the loss becomes NaN/inf, naming the step and the offending site or
         parameter.
     """
-    _check_positive("epochs", epochs, int)
-    _check_positive("batch_size", batch_size, int)
-    _check_positive("lr", lr)
+    check_positive("epochs", epochs, int)
+    check_positive("batch_size", batch_size, int)
+    check_positive("lr", lr)
     if guide_lr is not None:
-        _check_positive("guide_lr", guide_lr)
-    if not (isinstance(kl_weight, (int, float)) and kl_weight >= 0 and math.isfinite(kl_weight)):
-        raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
-    if loss not in _ELBOS:
-        raise ValueError(f"loss must be one of {tuple(_ELBOS)}, got {loss!r}")
-    if prune_every is not None:
-        _check_positive("prune_every", prune_every, int)
+        check_positive("guide_lr", guide_lr)
+    kl_weight = check_kl_weight(kl_weight)
+    if isinstance(loss, ELBO):
+        if kl_weight != 1.0:
+            raise ValueError("with an ELBO object as loss, give kl_weight to the ELBO, not to fit")
+        elbo = loss
+    else:
+        elbo = make_elbo(loss, kl_weight=kl_weight)
     if isinstance(warm_start_epochs, bool) or not isinstance(warm_start_epochs, int) or not (
             0 <= warm_start_epochs <= epochs):
         raise ValueError(f"warm_start_epochs must be an int in [0, epochs={epochs}] (the warm start is counted "
                          f"inside epochs), got {warm_start_epochs!r}")
     if prune_every is not None:
-        if prune_start is None:
-            svi_epochs = epochs - warm_start_epochs
-            prune_start = start_epoch + warm_start_epochs + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * svi_epochs))
-        if isinstance(prune_start, bool) or not isinstance(prune_start, int) or prune_start < 1:
-            raise ValueError(f"prune_start must be an epoch number >= 1, got {prune_start!r}")
-        _check_prune_options(prune_method, prune_options or {})
-    train_data = _as_tensors(train_data, "train_data")
+        callbacks = [PruneEvery(prune_every, prune_method, prune_options, start=prune_start), *callbacks]
+    train_data = as_tensors(train_data, "train_data")
     if isinstance(model, torch.nn.Module):
         model.to(device)
-        set_kl_weight(model, kl_weight)
     if isinstance(guide, torch.nn.Module):
         guide.to(device)
     check_data(train_data, model, name="train_data", device=device)  # before any random number is drawn
@@ -349,64 +297,52 @@ def fit(
         generator.manual_seed(seed + start_epoch)
     else:
         restore_rng(rng_state, generator)
-    n = _dataset_size(train_data)
-    elbo = make_elbo(loss, num_particles)
+    n = dataset_size(train_data)
     history = history if history is not None else History()
+    for callback in callbacks:
+        if hasattr(callback, "begin"):
+            callback.begin(train_data=train_data, start_epoch=start_epoch, epochs=epochs,
+                           warm_start_epochs=warm_start_epochs)
+    optimizer = _setup_training(model, guide, train_data, batch_size, n, elbo, lr, guide_lr, optimizer, device,
+                                rng_state is not None)
+    frozen = freeze_pruned(model, guide, optimizer)  # structures masked before this call stay put
 
-    params = None
-    frozen = {}
-    num_batches = math.ceil(n / batch_size) if not isinstance(train_data, DataLoader) else len(train_data)
-    bar = tqdm(total=epochs * num_batches, disable=not progress, desc="SVI", unit="step", leave=False)
-    step = len(history.loss)
+    def svi_loss(x, y):
+        return minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+
+    def warm_loss(x, y):
+        return deterministic_loss(model, x, y, dataset_size=n)
+
+    bar = tqdm(total=epochs * num_batches(train_data, batch_size), disable=not progress, desc="SVI", unit="step",
+               leave=False)
     try:
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
-            epoch_elbo = []
-            in_warm_start = epoch < start_epoch + warm_start_epochs
-            if in_warm_start:  # the deterministic twin (see _deterministic_epoch); no SVI step below
-                if params is None:
-                    params, optimizer, frozen = _setup_training(model, guide, train_data, batch_size, n, elbo, lr,
-                                                                guide_lr, optimizer, device, rng_state is not None)
-                _deterministic_epoch(model, train_data, batch_size, n, optimizer, generator, device, epoch, history)
-                bar.update(num_batches)
+            batches = iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device)
+            if epoch < start_epoch + warm_start_epochs:  # the deterministic twin: theta = 1, no KL
+                values = run_epoch(warm_loss, optimizer, batches, bar=bar,
+                                   name=lambda i, e=epoch: f"warm-start epoch {e}")
+                history.warm_start.append(-sum(values) / max(len(values), 1))
                 if epoch + 1 == start_epoch + warm_start_epochs:
-                    history.events.append({"epoch": epoch, "event": "warm_start_end",
-                                           "epochs": warm_start_epochs})
-            svi_batches = () if in_warm_start else iterate_batches(train_data, batch_size, shuffle=True,
-                                                                   generator=generator, device=device)
-            for x, y in svi_batches:
-                if params is None:
-                    params, optimizer, frozen = _setup_training(model, guide, (x, y), batch_size, n, elbo, lr,
-                                                                guide_lr, optimizer, device, rng_state is not None)
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
-                except ValueError as err:  # e.g. a distribution rejecting NaN logits
-                    if "nan" not in str(err).lower() and "invalid values" not in str(err):
-                        raise
-                    raise TrainingDivergedError(f"step {step}: non-finite values in the model: {_first_line(err)}") from err
-                if not torch.isfinite(loss_value):
-                    raise TrainingDivergedError(_diagnose_nan(guide, step, loss_value))
-                loss_value.backward()
-                optimizer.step()
-                if frozen:
-                    _restore_frozen(frozen)
-                value = loss_value.item()
-                history.loss.append(value)
-                epoch_elbo.append(-value)
-                step += 1
-                bar.update(1)
-            if epoch_elbo:
-                history.elbo.append(sum(epoch_elbo) / len(epoch_elbo))
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
+                    history.events.append({"epoch": epoch, "event": "warm_start_end", "epochs": warm_start_epochs})
+            else:
+                done = len(history.loss)
+                values = run_epoch(svi_loss, optimizer, batches, bar=bar,
+                                   after_step=frozen.restore if frozen else None,
+                                   name=lambda i: f"step {done + i}", diagnose=lambda v: _diagnose_nan(guide, v))
+                history.loss.extend(values)
+                if values:
+                    history.elbo.append(-sum(values) / len(values))
+                    bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
             history.seconds.append(time.perf_counter() - t0)
-            # No continuous pruning in the deterministic warm start: the posteriors have not moved.
-            if prune_every is not None and not in_warm_start and _prune_due(epoch + 1, prune_start, prune_every):
-                frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history, train_data)
-            history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
             stop = False
-            for callback in callbacks:
+            history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
+            for i, callback in enumerate(callbacks):
+                if i:  # the state after the callbacks before this one (a reduction may draw numbers)
+                    history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]
                 stop = bool(callback(epoch, history, model, guide)) or stop
+            if callbacks:
+                frozen = freeze_pruned(model, guide, optimizer)  # a callback may have pruned
             if stop:
                 break
     finally:
@@ -416,19 +352,18 @@ def fit(
 
 
 def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float, guide_lr, optimizer, device,
-                    keep_rng: bool = False):
-    """Create the guide's parameters (one traced pass on the first batch of ``data``), the list of
-    trainable parameters, the optimizer (unless given) and the frozen values of masked structures.
-    With ``keep_rng`` (continuing a saved random state) the extra pass draws nothing from it."""
+                    keep_rng: bool = False) -> torch.optim.Optimizer:
+    """Create the guide's parameters (one traced pass on the first batch of ``data``) and the
+    optimizer over every trainable parameter (unless given). With ``keep_rng`` (continuing a
+    saved random state) the extra pass draws nothing from it."""
     x, y = next(iter(iterate_batches(data, batch_size, shuffle=False, device=device)))
     # One traced pass creates the guide's parameters and finds bare pyro.param sites.
     with _rng_untouched(keep_rng), poutine.trace(param_only=True) as param_trace:
         minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
-    params = _trainable(model, guide, param_trace.trace)
     if optimizer is None:
-        optimizer = _adam(_param_groups(params, guide, lr, guide_lr))
-    frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
-    return params, optimizer, frozen
+        params = trainable_parameters(model, guide, param_trace.trace)
+        optimizer = adam(param_groups(params, guide, lr, guide_lr))
+    return optimizer
 
 
 def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dataset_size: int) -> torch.Tensor:
@@ -451,167 +386,9 @@ def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dat
     return -(dataset_size / x.shape[0]) * log_lik
 
 
-def _deterministic_epoch(model, train_data, batch_size: int, n: int, optimizer, generator, device, epoch: int,
-                         history: History) -> None:
-    """One warm-start epoch of :func:`fit`: the network with theta = 1, no KL, the guide untouched.
-
-    Only the model's parameters receive gradients; Adam skips the variational parameters, whose
-    gradients stay None. Appends the epoch's mean log likelihood to ``history.warm_start``.
-    """
-    log_liks = []
-    for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = deterministic_loss(model, x, y, dataset_size=n)
-        if not torch.isfinite(loss_value):
-            raise TrainingDivergedError(f"warm-start epoch {epoch}: the loss is {loss_value.item()} "
-                                        "(check the learning rate and the data for NaN/inf)")
-        loss_value.backward()
-        optimizer.step()
-        log_liks.append(-loss_value.item())
-    history.warm_start.append(sum(log_liks) / max(len(log_liks), 1))
-
-
 def _rng_untouched(active: bool):
     """Fork torch's random state (CPU and initialised CUDA devices) when ``active``."""
-    import contextlib
-
     if not active:
         return contextlib.nullcontext()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
-
-
-#: Keyword arguments of a continuous-pruning step that are not the criterion's own options.
-_REDUCE_ARGUMENTS = ("fraction", "scope", "respect_mask", "min_keep", "joint_check")
-
-
-def _check_prune_options(method: str, options: dict) -> None:
-    """Refuse an unknown method or option before the first step, not at the first reduction."""
-    from .criteria import get_criterion
-
-    criterion = get_criterion(method)
-    criterion.check_options({k: v for k, v in options.items() if k not in _REDUCE_ARGUMENTS})
-    if not criterion.has_rule and options.get("fraction") is None:
-        raise ValueError(f"continuous pruning with {method!r} needs prune_options={{'fraction': ...}}: "
-                         "it ranks structures but has no threshold of its own")
-
-
-def _prune_due(done: int, prune_start: int, prune_every: int) -> bool:
-    """Whether a reduction follows the ``done``-th epoch: at prune_start, then every prune_every."""
-    return done >= prune_start and (done - prune_start) % prune_every == 0
-
-
-def _prune(model, guide, method: str, options: dict, epoch: int, history: History, data) -> dict:
-    from .pruner import guarded_reduce, prune_event  # late import: the reduction builds on this module
-
-    # Continuous pruning never empties a layer unless asked to (min_keep=0) and holds each BMRS
-    # reduction to its margin jointly (joint_check=False turns that off).
-    result = guarded_reduce(model, guide, method, data, **options).apply()
-    history.events.append(prune_event(result, epoch))
-    return _freeze_masked(model, guide)
-
-
-def _freeze_masked(model, guide) -> dict:
-    """Current values of the variational parameters of masked structures, to hold them fixed."""
-    from .guides import find_noise_guide
-
-    frozen = {}
-    noise_guide = find_noise_guide(guide)  # also inside an AutoGuideList
-    if not isinstance(model, torch.nn.Module) or noise_guide is None or noise_guide.prototype_trace is None:
-        return frozen
-    for name, layer in noise_modules(model).items():
-        dead = ~layer.mask.bool()
-        if name in noise_guide.site_names and dead.any():
-            for store in (noise_guide.locs, noise_guide.log_scales):
-                p = _raw_param(store, name)
-                frozen[id(p)] = (p, dead, p.detach()[dead].clone())
-    return frozen
-
-
-def _raw_param(store, name: str) -> torch.Tensor:
-    from .guides import deep_getattr
-
-    *path, leaf = name.split(".")
-    module = deep_getattr(store, ".".join(path)) if path else store
-    return getattr(module, leaf + "_unconstrained")
-
-
-def _restore_frozen(frozen: dict) -> None:
-    with torch.no_grad():
-        for p, dead, values in frozen.values():
-            p[dead] = values
-
-
-def _logits_and_obs(model, x, obs_site: str):
-    trace = poutine.trace(model).get_trace(x)
-    if obs_site not in trace.nodes:
-        raise ValueError(f"the model has no site {obs_site!r}; pass obs_site=<name of the observation>")
-    return trace.nodes[obs_site]["fn"]
-
-
-@torch.no_grad()
-def evaluate(
-    model: Callable,
-    guide: Callable,
-    data: Data,
-    mode: str = "mean",
-    *,
-    num_samples: int = 32,
-    batch_size: int = 1024,
-    obs_site: str = "obs",
-    seed: int = 0,
-    device: str = "cpu",
-) -> dict:
-    """Accuracy and negative log likelihood of a classifier on ``data``.
-
-    ``mode="mean"``: deterministic, theta = E_q[theta] * mask (the BMRS test-time rule).
-    ``mode="sample"``: the posterior predictive, p(y|x) averaged over ``num_samples`` draws of
-    theta from the guide. Returns ``{"accuracy", "nll"}`` (nll in nats per example). Bad data
-    raise :class:`~bmrs_pyro.checks.InputError` before the first batch (see :func:`fit`).
-    """
-    if mode not in ("mean", "sample"):
-        raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
-    _check_positive("num_samples", num_samples, int)
-    data = _as_tensors(data, "data")
-    check_data(data, model, name="data", obs_site=obs_site, device=device)
-    pyro.set_rng_seed(seed)
-    # Evaluate with running BatchNorm statistics (and no dropout); restore the caller's mode.
-    was_training = model.training if isinstance(model, torch.nn.Module) else False
-    if was_training:
-        model.eval()
-    try:
-        return _evaluate(model, guide, data, mode, num_samples, batch_size, obs_site, device)
-    finally:
-        if was_training:
-            model.train()
-
-
-def _evaluate(model, guide, data, mode, num_samples, batch_size, obs_site, device) -> dict:
-    correct, nll, count = 0, 0.0, 0
-    for x, y in iterate_batches(data, batch_size, shuffle=False, device=device):
-        if mode == "mean":
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError("mode='mean' needs the model to be a torch.nn.Module with noise layers")
-            with noise_mode(model, "mean"):
-                fn = _logits_and_obs(model, x, obs_site)
-            log_p = _class_log_probs(fn)
-        else:
-            draws = []
-            for _ in range(num_samples):
-                guide_trace = poutine.trace(guide).get_trace(x)
-                fn = _logits_and_obs(poutine.replay(model, trace=guide_trace), x, obs_site)
-                draws.append(_class_log_probs(fn))
-            log_p = torch.logsumexp(torch.stack(draws), 0) - math.log(num_samples)
-        nll -= log_p.gather(-1, y.long().unsqueeze(-1)).sum().item()
-        correct += (log_p.argmax(-1) == y).sum().item()
-        count += y.shape[0]
-    return {"accuracy": correct / count, "nll": nll / count}
-
-
-def _class_log_probs(fn) -> torch.Tensor:
-    base = fn
-    while hasattr(base, "base_dist"):
-        base = base.base_dist
-    if not hasattr(base, "logits"):
-        raise ValueError(f"evaluate needs a categorical observation, got {type(base).__name__}")
-    return torch.log_softmax(base.logits, -1)

@@ -10,11 +10,18 @@ Loss bookkeeping. The negative ELBO we want for a data set of N examples seen in
     -(N/B) sum_batch log p(y_i | x_i, theta_i) + kl_weight * sum_structures KL(q || p).
 
 The observation is scaled by N/B by :func:`bmrs_pyro.infer.fit` (or by a subsampled
-``pyro.plate`` in a hand-written SVI loop). The noise site must contribute its KL exactly once
-whatever N and B are, so it carries its own scale: with per-example noise each of the B examples
-has its own draw of theta (lower-variance gradients), and the site is scaled by kl_weight / B;
-with ``noise="global"`` there is one draw per batch, scaled by kl_weight. The same context (plates,
-scale, mask) is entered by the model and by the guide, so Pyro sees identical sites in both.
+``pyro.plate`` in a hand-written SVI loop); ``kl_weight`` is the loss's
+(``MeanFieldNoiseELBO(kl_weight=...)``), never state of a layer. The noise site must contribute
+its KL exactly once whatever N and B are, so it carries its own scale: with per-example noise
+each of the B examples has its own draw of theta (lower-variance gradients), and the site is
+scaled by 1 / B; with ``noise="global"`` there is one draw per batch, scale 1.
+
+Shapes. The structures are the site's event dimension (``.to_event(1)``), so the site adds at
+most one plate dimension (the examples, at dim -1, like a data plate) and ``Predictive`` returns
+``(num_samples, batch)`` for an observation in a data plate. Pruned structures are masked inside
+the distribution (``.mask(keep)`` before ``.to_event(1)``), so they drop out of log densities and
+KL alike. The same context (plate, scale) and distribution shape are used by the model and by
+the guide, so Pyro sees identical sites in both.
 """
 
 from __future__ import annotations
@@ -80,7 +87,6 @@ class MultiplicativeNoise(PyroModule):
         self.low = low
         self.high = high
         self.noise = noise
-        self.kl_weight = 1.0
         self.mode = "sample"
         self.register_buffer("mask", torch.ones(num_structures))
         self._guide = None  # set by the guide: a weak reference to it
@@ -99,12 +105,19 @@ class MultiplicativeNoise(PyroModule):
         return f"{name}.theta" if name else "theta"
 
     def prior(self, batch_size: Optional[int] = None):
-        """The LogUniform prior expanded to the site's batch shape."""
+        """The LogUniform prior of the site: (S,) structures as the event, per example or global."""
         from .distributions import LogUniform
 
-        shape = self._site_shape(batch_size)
         low = self.mask.new_tensor(self.low)
-        return LogUniform(low, self.mask.new_tensor(self.high)).expand(shape)
+        return self.site_distribution(LogUniform(low, self.mask.new_tensor(self.high)), batch_size)
+
+    def site_distribution(self, dist, batch_size: Optional[int] = None):
+        """``dist`` (per structure or scalar) shaped as this layer's site: expanded to (B, S) or
+        (S,), pruned structures masked, the structures made the event dimension."""
+        dist = dist.expand(self._site_shape(batch_size))
+        if self.mask.device.type != "cpu" or not bool(self.mask.all()):  # no sync on a GPU
+            dist = dist.mask(self.mask.bool())
+        return dist.to_event(1)
 
     def _site_shape(self, batch_size: Optional[int]) -> tuple:
         if self.noise == "example":
@@ -114,28 +127,22 @@ class MultiplicativeNoise(PyroModule):
         return (self.num_structures,)
 
     def kl_scale(self, batch_size: int) -> float:
-        """Scale of the site so that its KL enters the loss once, times ``kl_weight``."""
+        """Scale of the site so that its KL enters the loss once per step: 1/B per example, 1
+        for global noise (the loss's ``kl_weight`` multiplies it)."""
         if self.noise == "example":
-            return self.kl_weight / batch_size
-        return self.kl_weight
+            return 1.0 / batch_size
+        return 1.0
 
     @contextlib.contextmanager
     def site_context(self, batch_size: int) -> Iterator[None]:
-        """Plates, scale and mask of the noise site; shared by the model and the guide."""
-        # Bare independence frames rather than pyro.plate: a plate records a subsample site, and an
+        """Plate and scale of the noise site; shared by the model and the guide."""
+        # A bare independence frame rather than pyro.plate: a plate records a subsample site, and an
         # AutoGuideList master re-creates every plate it saw at its prototype batch size, which
         # would clash with ours (and with smaller last batches).
         with contextlib.ExitStack() as stack:
             if self.noise == "example":
-                stack.enter_context(IndepMessenger(f"{self.site_name}.examples", batch_size, dim=-2))
-            stack.enter_context(IndepMessenger(f"{self.site_name}.structures", self.num_structures, dim=-1))
-            scale = self.kl_scale(batch_size)
-            if scale > 0:
-                stack.enter_context(poutine.scale(scale=scale))
-            else:  # kl_weight = 0: no KL term (poutine.scale rejects 0); the sample still flows
-                stack.enter_context(poutine.mask(mask=False))
-            if not bool(self.mask.all()):
-                stack.enter_context(poutine.mask(mask=self.mask.bool()))
+                stack.enter_context(IndepMessenger(f"{self.site_name}.examples", batch_size, dim=-1))
+                stack.enter_context(poutine.scale(scale=self.kl_scale(batch_size)))
             yield
 
     def _check_input(self, x: torch.Tensor) -> int:
@@ -245,14 +252,6 @@ def noise_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
     finally:
         for name, m in modules.items():
             m.mode = before[name]
-
-
-def set_kl_weight(model: torch.nn.Module, kl_weight: float) -> None:
-    """Set the KL weight of every noise layer (1 gives the true ELBO)."""
-    if not kl_weight >= 0:
-        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-    for module in noise_modules(model).values():
-        module.kl_weight = float(kl_weight)
 
 
 def name_noise_layers(model: torch.nn.Module) -> dict[str, MultiplicativeNoise]:

@@ -533,30 +533,6 @@ def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
     return callback
 
 
-def hold_pruned(exp: Experiment) -> None:
-    """Zero the Adam first moment of pruned structures' variational parameters.
-
-    Pruned structures get exactly zero gradient (masked likelihood and KL); with a zero first
-    moment Adam then leaves them where pruning found them instead of letting momentum carry them.
-    ``fit`` freezes them itself after each of its own pruning steps; this covers the epochs after
-    a resume and the fine-tuning stage.
-    """
-    from .guides import deep_getattr
-
-    guide = exp.guide
-    for site, layer in noise_modules(exp.model).items():
-        dead = ~layer.mask.bool()
-        if site not in guide.site_names or not dead.any():
-            continue
-        *path, leaf = site.split(".")
-        for store in (guide.locs, guide.log_scales):
-            owner = deep_getattr(store, ".".join(path)) if path else store
-            p = getattr(owner, leaf + "_unconstrained")
-            state = exp.optimizer.state.get(p, {})
-            if "exp_avg" in state:
-                state["exp_avg"][dead.to(state["exp_avg"].device)] = 0.0
-
-
 def train(
     exp: Experiment,
     *,
@@ -574,8 +550,6 @@ def train(
     cfg = exp.config
     if cfg.epochs - start_epoch <= 0:
         return exp.history
-    if start_epoch:
-        hold_pruned(exp)
     callback = _checkpoint_callback(exp, checkpoint)
     prune_every = cfg.prune_every or None
     warm = cfg.warm_start_epochs if cfg.warm_start_epochs is not None else warm_start_epochs_for(cfg.epochs)
@@ -608,13 +582,12 @@ def final_reduction(exp: Experiment):
 def finetune(exp: Experiment, *, progress: bool = True) -> History:
     """Train ``config.finetune_epochs`` more epochs with the masks frozen (no pruning).
 
-    Pruned structures keep their variational parameters (see :func:`hold_pruned`); the ELBO of
+    Pruned structures keep their variational parameters (``fit`` holds them: :func:`bmrs_pyro.optim.freeze_pruned`); the ELBO of
     these epochs is appended to the history after the training epochs.
     """
     cfg = exp.config
     if cfg.finetune_epochs <= 0:
         return exp.history
-    hold_pruned(exp)
     exp.history.events.append({"epoch": cfg.epochs, "event": "finetune"})
     fit(exp.model, exp.guide, exp.data.train, epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
         kl_weight=cfg.kl_weight, seed=cfg.seed, device=str(exp.device), progress=progress,

@@ -53,7 +53,10 @@ def test_noise_multiplies_by_theta_broadcast(shape, channel_dim):
     x = torch.randn(shape)
     tr = _trace(model, x)
     site = tr.nodes["layer.theta"]
-    assert isinstance(site["fn"], LogUniform)
+    # the structures are the site's event dimension; the examples its batch (one plate dim)
+    assert isinstance(site["fn"].base_dist, LogUniform)
+    assert site["fn"].batch_shape == (5,) and site["fn"].event_shape == (7,)
+    assert [f.dim for f in site["cond_indep_stack"]] == [-1]
     theta = site["value"]
     assert theta.shape == (5, 7)  # one draw per example and structure
     assert bool((theta > 0).all()) and bool((theta <= 1).all())
