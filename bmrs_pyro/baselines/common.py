@@ -23,7 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..criteria import StructureLinks, structure_map
+from ..batching import iterate_batches
 from ..curves import count_parameters
+from ..evaluation import classify
+from ..infer import run_epoch
+from ..optim import adam
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
 from ..pruner import _rank_remove  # the one greedy least-important-first removal with per-layer room
 
@@ -298,20 +302,15 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.logits(x) if hasattr(model, "logits") else model(x)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: Pair, batch_size: int = 1024) -> float:
-    """Share of ``data`` classified right, in eval mode (BatchNorm on running statistics)."""
-    x, y = data
+    """Share of ``data`` classified right, in eval mode (BatchNorm on running statistics);
+    :func:`bmrs_pyro.evaluation.classify`, the evaluator ``evaluate`` uses too."""
     was_training = model.training
     model.eval()
     try:
-        correct = 0
-        for start in range(0, x.shape[0], batch_size):
-            out = logits(model, x[start:start + batch_size])
-            correct += int((out.argmax(-1) == y[start:start + batch_size]).sum())
+        return classify(lambda x: logits(model, x), data, batch_size=batch_size)["accuracy"]
     finally:
         model.train(was_training)
-    return correct / x.shape[0]
 
 
 def train_network(
@@ -327,33 +326,30 @@ def train_network(
 ) -> list[float]:
     """Train a deterministic network by Adam on the mean cross-entropy (+ ``penalty()``).
 
-    A fresh optimizer each call, so a round of an iterative method restarts its schedule.
-    ``param_groups`` overrides the default single group of all trainable parameters. Returns the
-    mean loss of every epoch.
+    The loop of :func:`bmrs_pyro.fit` (:func:`bmrs_pyro.infer.run_epoch`: batching, the fused
+    Adam, the divergence check) on this loss. A fresh optimizer each call, so a round of an
+    iterative method restarts its schedule. ``param_groups`` overrides the default single group
+    of all trainable parameters. Returns the mean loss of every epoch.
     """
     _check_int("epochs", epochs, minimum=0)
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return []
-    optimizer = torch.optim.Adam(params, lr=lr)
-    x, y = data
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    optimizer = adam([{"lr": lr, **group} for group in params])
     generator = torch.Generator().manual_seed(seed)
+
+    def step_loss(x, y):
+        loss = F.cross_entropy(logits(model, x), y)
+        return loss + penalty() if penalty is not None else loss
+
     losses = []
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
-        total, batches = 0.0, 0
-        for start in range(0, x.shape[0], batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(logits(model, x[idx]), y[idx])
-            if penalty is not None:
-                loss = loss + penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            batches += 1
-        losses.append(total / batches)
+    for epoch in range(epochs):
+        values = run_epoch(step_loss, optimizer, iterate_batches(data, batch_size, shuffle=True, generator=generator),
+                           name=lambda i, e=epoch: f"epoch {e}, step {i}")
+        losses.append(sum(values) / len(values))
     model.eval()
     return losses
 
