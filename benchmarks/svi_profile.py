@@ -43,8 +43,8 @@ from bmrs_pyro.models.registry import build  # noqa: E402
 # part -> [(file suffix, function names)]; cumulative time of the outermost matching calls.
 PARTS = {
     "model_pass": [("bmrs_pyro/elbo.py", ("differentiable_loss",))],
-    "sampler": [("bmrs_pyro/distributions.py", ("sample_sites", "rsample"))],
-    "kl": [("torch/distributions/kl.py", ("kl_divergence",)), ("bmrs_pyro/distributions.py", ("kl_to_own_bounds",))],
+    "sampler": [("bmrs_pyro/_fast_paths.py", ("sample_sites",)), ("bmrs_pyro/distributions.py", ("rsample",))],
+    "kl": [("torch/distributions/kl.py", ("kl_divergence",)), ("bmrs_pyro/_fast_paths.py", ("kl_to_own_bounds",))],
     "guide_params": [("bmrs_pyro/guides.py", ("loc_scale", "_raw_loc_log_scale"))],
     "backward": [("torch/_tensor.py", ("backward",))],
     "optimizer": [("torch/optim/optimizer.py", ("wrapper", "zero_grad"))],

@@ -12,7 +12,6 @@ re-exported here.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -29,7 +28,7 @@ from .batching import Data, as_tensors, check_positive, dataset_size, iterate_ba
 from .callbacks import DEFAULT_PRUNE_WARMUP, PruneEvery
 from .checks import check_data
 from .elbo import MeanFieldNoiseELBO, WeightedTrace_ELBO, WeightedTraceMeanField_ELBO, check_kl_weight
-from .evaluation import _evaluate, classify, evaluate  # noqa: F401  (re-exported)
+from .evaluation import _evaluate, evaluate  # noqa: F401  (re-exported)
 from .nn import noise_mode
 from .optim import adam, freeze_pruned, param_groups, trainable_parameters
 from .rng import capture_rng, restore_rng
