@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from torch.distributions.utils import broadcast_all
 
 from bmrs_pyro._special import log_diff_ndtr, masked_apply, ndtr
 from bmrs_pyro._truncnorm import _HALF_LOG_2PIE, _INSIDE, _Core, _is_narrow, _narrow_weights
+
+if TYPE_CHECKING:  # annotations only: distributions.py builds on this module
+    from bmrs_pyro.distributions import TruncatedNormal
 
 _FAST_SAMPLE_X = 5.0  # flipped-frame far bound b >= -5: Phi(b) >= 2.9e-7, no tail trouble
 

@@ -1,13 +1,6 @@
 """The truncated normal's numerics, exact in every tail: the statistics, cdf, icdf and
 log density of :class:`bmrs_pyro.distributions.TruncatedNormal` (class ``_Core``).
 
-Parameterisation. ``TruncatedNormal(loc, scale, low, high)`` is N(loc, scale^2) restricted to
-[low, high]. ``TruncatedLogNormal(loc, scale, low, high)`` is theta = exp(z) with z that truncated
-normal, so ``low``/``high`` bound log theta (support [e^low, e^high]). ``LogUniform(low, high)`` is
-theta = exp(u), u ~ Uniform(low, high). ``kl_divergence`` is registered in closed form for
-(TruncatedLogNormal, LogUniform) and (TruncatedNormal, Uniform): log(p.high - p.low) minus the
-entropy of z (KL is invariant under z -> e^z), +inf when q's bounds are not inside p's.
-
 Parameters may be float32 or float64; everything is computed in float64 and returned in the
 parameters' dtype. With alpha = (low - loc)/scale, beta = (high - loc)/scale and
 Z = Phi(beta) - Phi(alpha), the numerical tricks, one line each with its reason:
@@ -52,7 +45,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.distributions.utils import lazy_property
+from torch.distributions.utils import broadcast_all, lazy_property
 
 from bmrs_pyro._special import (
     LOG_SQRT_2PI,

@@ -17,7 +17,7 @@ from bmrs_pyro.callbacks import PruneEvery
 from bmrs_pyro.elbo import MeanFieldNoiseELBO, ScaleLatent, WeightedTrace_ELBO, WeightedTraceMeanField_ELBO
 from bmrs_pyro.guides import AutoTruncatedLogNormal
 from bmrs_pyro.infer import TrainingDivergedError, evaluate, fit
-from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier, noise_modules
+from bmrs_pyro.nn import MultiplicativeNoise, noise_modules
 from bmrs_pyro.optim import freeze_pruned
 
 
