@@ -332,7 +332,7 @@ def fit(
                 history.loss.extend(values)
                 if values:
                     history.elbo.append(-sum(values) / len(values))
-                    bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}")
+                    bar.set_postfix(epoch=epoch + 1, elbo=f"{history.elbo[-1]:.4g}", refresh=False)
             history.seconds.append(time.perf_counter() - t0)
             stop = False
             history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
