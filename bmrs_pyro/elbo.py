@@ -15,6 +15,7 @@ If the model has any other latent site (Bayesian weights, say) or the guide is n
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -60,12 +61,12 @@ class _StepPosteriors:
     or with another batch size, draws afresh from its own posterior.
     """
 
-    def __init__(self, guide, batch: int) -> None:
+    def __init__(self, guide, batch: int, direct: bool = False) -> None:
         self.names = list(guide._layers)
         self.layers = [guide._layers[n] for n in self.names]
         self.index = {n: i for i, n in enumerate(self.names)}
         # The guide's loc_scale for every site at once: clamp and exp on the concatenation.
-        raw = [guide._raw_loc_log_scale(n) for n in self.names]
+        raw = [guide._raw_loc_log_scale(n, direct) for n in self.names]
         sizes = [p[0].shape[0] for p in raw]
         cat = (lambda ts: ts[0]) if len(sizes) == 1 else torch.cat
         loc = cat([p[0] for p in raw])
@@ -100,9 +101,10 @@ class _StepPosteriors:
 class _NoiseELBOMessenger(Messenger):
     """Answers noise sites from the guide and accumulates the ELBO terms."""
 
-    def __init__(self, guide) -> None:
+    def __init__(self, guide, direct: bool = False) -> None:
         super().__init__()
         self.guide = guide
+        self.direct = direct  # read the guide's leaf tensors, no pyro.param statements
         self.log_likelihood = 0.0
         self.kl = 0.0
         self._step: _StepPosteriors | None = None
@@ -110,7 +112,7 @@ class _NoiseELBOMessenger(Messenger):
 
     def _posteriors(self, batch: int) -> _StepPosteriors:
         if self._step is None:
-            self._step = _StepPosteriors(self.guide, batch)
+            self._step = _StepPosteriors(self.guide, batch, self.direct)
         return self._step
 
     def _process_message(self, msg: dict) -> None:
@@ -287,12 +289,15 @@ class MeanFieldNoiseELBO(ELBO):
         if isinstance(guide, AutoTruncatedLogNormal) and not self.used_fallback:
             if guide.prototype_trace is None:
                 guide(*args, **kwargs)
-            messenger = _NoiseELBOMessenger(guide)
+            # With a handler on the stack (pyro.infer.SVI's parameter trace, say) the guide's
+            # parameters are read through pyro.param inside its module context, as in its own
+            # forward, so the handler sees (and SVI updates) them; with none (fit's steps), the
+            # same leaf tensors are read directly, without the pyro.param statements.
+            direct = not _PYRO_STACK
+            messenger = _NoiseELBOMessenger(guide, direct)
             _ACTIVE.append(messenger)
             try:
-                # Inside the guide's module context its parameters are read through pyro.param,
-                # as in the guide's own forward, so pyro.infer.SVI sees (and updates) them.
-                with guide._pyro_context, messenger:
+                with (contextlib.nullcontext() if direct else guide._pyro_context), messenger:
                     model(*args, **kwargs)
             except _Unsupported:
                 self.used_fallback = True

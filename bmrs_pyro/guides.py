@@ -27,6 +27,13 @@ def deep_getattr(obj, key: str):
     return obj
 
 
+def raw_param(store, name: str) -> torch.Tensor:
+    """The unconstrained leaf tensor of the ``PyroParam`` at dotted ``name`` in ``store``."""
+    *path, leaf = name.split(".")
+    module = deep_getattr(store, ".".join(path)) if path else store
+    return getattr(module, leaf + "_unconstrained")
+
+
 def is_noise_site(msg: dict) -> bool:
     """True for the sample sites declared by :class:`~bmrs_pyro.nn.MultiplicativeNoise`."""
     return msg.get("type") == "sample" and bool((msg.get("infer") or {}).get(NOISE_SITE_KEY))
@@ -138,8 +145,13 @@ class AutoTruncatedLogNormal(AutoGuide):
         log_scale = torch.clamp(deep_getattr(self.log_scales, name), LOG_SCALE_MIN, LOG_SCALE_MAX)
         return loc, log_scale.exp()
 
-    def _raw_loc_log_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loc, log_scale) of site ``name`` before the clamp and exp of :meth:`loc_scale`."""
+    def _raw_loc_log_scale(self, name: str, direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, log_scale) of site ``name`` before the clamp and exp of :meth:`loc_scale`.
+
+        ``direct``: the leaf tensors themselves, without the ``pyro.param`` statements of
+        PyroModule attribute access (same tensors once the guide has run under any handler)."""
+        if direct:
+            return raw_param(self.locs, name), raw_param(self.log_scales, name)
         return deep_getattr(self.locs, name), deep_getattr(self.log_scales, name)
 
     def posterior(self, name: str) -> TruncatedLogNormal:

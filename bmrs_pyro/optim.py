@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .guides import deep_getattr, find_noise_guide
+from .guides import find_noise_guide, raw_param
 from .nn import noise_modules
 
 
@@ -90,7 +90,7 @@ def freeze_pruned(model, guide, optimizer: Optional[torch.optim.Optimizer] = Non
         if name not in noise_guide.site_names or not dead.any():
             continue
         for store in (noise_guide.locs, noise_guide.log_scales):
-            p = _raw_param(store, name)
+            p = raw_param(store, name)
             entries.append((p, dead, p.detach()[dead].clone()))
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
             if "exp_avg" in state:
@@ -98,8 +98,3 @@ def freeze_pruned(model, guide, optimizer: Optional[torch.optim.Optimizer] = Non
                     state["exp_avg"][dead.to(state["exp_avg"].device)] = 0.0
     return FrozenStructures(entries)
 
-
-def _raw_param(store, name: str) -> torch.Tensor:
-    *path, leaf = name.split(".")
-    module = deep_getattr(store, ".".join(path)) if path else store
-    return getattr(module, leaf + "_unconstrained")
