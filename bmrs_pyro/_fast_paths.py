@@ -46,7 +46,7 @@ def _finish64(z, low, high, dtype, exp):
     return torch.minimum(torch.maximum(theta, _exp_bound(low).to(dtype)), _exp_bound(high).to(dtype))
 
 
-def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False):
+def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False, flipped=None):
     """Draws loc + scale * Phi^-1(Phi(a) + u Z) in the flipped frame (mass in the lower tail).
 
     Sampling in the flipped frame with u itself (rather than 1 - u) is the same distribution
@@ -59,11 +59,12 @@ def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False):
     so the standardised draw is off by ~eps * max(1, 1/|x|) and z by ~eps (|z| + scale), the
     size of z's own rounding when scale is no larger than the support's scale
     (tested against the float64 inverse at the same u). With ``exp`` it returns theta = e^z,
-    kept inside [e^low, e^high] as rounded in ``dtype``.
+    kept inside [e^low, e^high] as rounded in ``dtype``. ``flipped``: :func:`_flipped_bounds` of
+    these parameters when the caller has it already.
     """
     dtype = u.dtype if dtype is None else dtype
     with torch.no_grad():
-        flip, a, b = _flipped_bounds(loc, scale, low, high)
+        flip, a, b = _flipped_bounds(loc, scale, low, high) if flipped is None else flipped
         cdf_a, sf_b = ndtr(a), ndtr(-b)
         if dtype != torch.float64 and bool((b - a >= 1e-6).all()):
             # Z = Phi(b) - Phi(a) directly: with b >= -5 (flipped frame) and b - a >= 1e-6 it
@@ -154,11 +155,11 @@ class _FastIcdf(torch.autograd.Function):
         return grad_loc, grad_scale, None, None, None, None, None
 
 
-def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp):
+def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp, flipped=None):
     """icdf(u) (e^icdf(u) with ``exp``) in ``dtype``: the textbook inverse on the structures in
     ``fast`` (per-element work in ``dtype``), the float64 offset form on the others."""
     if bool(fast.all()):
-        return _fast_icdf(loc, scale, low, high, u, dtype=dtype, exp=exp)
+        return _fast_icdf(loc, scale, low, high, u, dtype=dtype, exp=exp, flipped=flipped)
     u = u.double()
     if not bool(fast.any()) or loc.dim() != 1:
         return _finish64(_Core(loc, scale, low, high).icdf(u), low, high, dtype, exp)
@@ -171,23 +172,26 @@ def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp):
     return torch.cat([z_fast, z_slow], dim=-1)[..., order]
 
 
-def sample_sites(loc, scale, low, high, sizes: Sequence[int], batch: int) -> torch.Tensor:
+def sample_sites(loc, scale, low, high, sizes: Sequence[int], batch: int, *, flipped=None) -> torch.Tensor:
     """theta of shape (batch, sum(sizes)) for several noise sites at once.
 
     ``loc``, ``scale``, ``low``, ``high`` are the sites' (S_i,) parameters concatenated. The
     uniforms are drawn site by site exactly as ``TruncatedLogNormal(...).expand((batch, S_i))
     .rsample()`` draws them, and the values are the same; only the per-structure constants and
     the per-element work are computed once for all sites (fewer, larger tensor operations).
+    ``flipped``: :func:`_flipped_bounds` of the float64 parameters, when the caller has it.
     """
     dtype = loc.dtype
     loc, scale, low, high = (t.double() for t in broadcast_all(loc, scale, low, high))
-    fast = _fast_sample_ok(loc, scale, low, high)
+    if flipped is None:
+        flipped = _flipped_bounds(loc, scale, low, high)
+    fast = flipped[2] >= -_FAST_SAMPLE_X
     us = [_uniform((batch, n), dtype if bool(f.all()) else torch.float64, loc.device)
           for f, n in zip(fast.split(list(sizes)), sizes)]
     if len({u.dtype for u in us}) > 1:
         us = [u.double() for u in us]
     u = us[0] if len(us) == 1 else torch.cat(us, dim=-1)
-    return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp=True)
+    return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp=True, flipped=flipped)
 
 
 def _exp_bound(bound: torch.Tensor) -> torch.Tensor:
@@ -230,10 +234,10 @@ def _kl_own_uniform(q: "TruncatedNormal") -> torch.Tensor:
     return kl_to_own_bounds(*(t.double() for t in (q.loc, q.scale, q.low, q.high)), core=q._core)
 
 
-def kl_to_own_bounds(loc, s, low, high, core: "_Core | None" = None) -> torch.Tensor:
+def kl_to_own_bounds(loc, s, low, high, core: "_Core | None" = None, *, flipped=None) -> torch.Tensor:
     """KL(TruncatedNormal(loc, s, low, high) || Uniform(low, high)), float64 tensors in and out
     (see :func:`_kl_own_uniform`; the same KL as for the log-scale pair on [e^low, e^high])."""
-    _, a, b = _flipped_bounds(loc, s, low, high)
+    _, a, b = _flipped_bounds(loc, s, low, high) if flipped is None else flipped
     width = high - low
     w = width / s
     fast = _fast_kl_ok(a, b, w)

@@ -26,6 +26,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
+from ._fast_paths import _flipped_bounds
 from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
 from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN
 
@@ -76,13 +77,15 @@ class _StepPosteriors:
         low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
         # Each site's prior is log-uniform on its posterior's own bounds: KL with no bound terms,
         # the same value kl_divergence(q, LogUniform(low, high)) gives.
-        kl = kl_to_own_bounds(loc.double(), scale.double(), low64, high64).to(loc.dtype)
+        loc64, scale64 = loc.double(), scale.double()
+        flipped = _flipped_bounds(loc64, scale64, low64, high64)  # shared by the KL and the sampler
+        kl = kl_to_own_bounds(loc64, scale64, low64, high64, flipped=flipped).to(loc.dtype)
         self.kl_all = kl
         self.kls = split(kl)
         self.batch = batch
         self.thetas = None
         if all(l.noise == "example" for l in self.layers):
-            theta = sample_sites(loc, scale, low, high, sizes, batch)
+            theta = sample_sites(loc, scale, low, high, sizes, batch, flipped=flipped)
             self.thetas = list(theta.split(sizes, dim=-1)) if len(sizes) > 1 else [theta]
 
     def site(self, name: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
