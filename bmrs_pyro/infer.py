@@ -147,8 +147,11 @@ def _as_tensors(data: Data, name: str) -> tuple:
     return x, y
 
 
-def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=None, device="cpu"):
-    """Yield (x, y) minibatches from a tensor pair or a DataLoader."""
+def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=None, device="cpu", shard=None):
+    """Yield (x, y) minibatches from a tensor pair or a DataLoader.
+
+    ``shard`` (data-parallel training): a function taking the epoch's index order to this rank's
+    share of it (:meth:`bmrs_pyro.distributed.DataParallel.shard`)."""
     if isinstance(data, DataLoader):
         for x, y in data:
             yield x.to(device), y.to(device)
@@ -156,6 +159,9 @@ def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=Non
     x, y = data
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shard is not None:  # issue 14: this rank's DistributedSampler share of the same order
+        order = shard(order)
+        n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield x[idx].to(device), y[idx].to(device)
@@ -252,6 +258,7 @@ def fit(
     history: Optional[History] = None,
     rng_state: Optional[dict] = None,
     warm_start_epochs: int = 0,
+    distributed: Any = None,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
@@ -305,6 +312,14 @@ def fit(
             model's only latent sites must be its noise layers. 0 (default): SVI from the start.
             ``bmrs run`` and ``bmrs compare`` use a warm start by default (see the README's
             "Training recipe").
+        distributed: data-parallel SVI on ``torch.distributed`` (see :mod:`bmrs_pyro.distributed`).
+            None (default): used when a process group of more than one rank is initialised
+            (e.g. under ``torchrun``); False: never; or a ``ProcessGroup`` /
+            :class:`~bmrs_pyro.distributed.DataParallel`. Then ``batch_size`` is the global
+            minibatch (a multiple of the number of ranks), each rank takes its
+            ``DistributedSampler`` share, gradients and the loss are averaged over ranks once per
+            step, and reductions are decided on rank 0 and broadcast. ``train_data`` must be
+            tensors.
 
     Raises:
         ValueError: bad arguments; :class:`~bmrs_pyro.checks.InputError` (a ValueError) for data
@@ -336,6 +351,17 @@ def fit(
             raise ValueError(f"prune_start must be an epoch number >= 1, got {prune_start!r}")
         _check_prune_options(prune_method, prune_options or {})
     train_data = _as_tensors(train_data, "train_data")
+    # --- issue 14 hook: data parallelism (bmrs_pyro/distributed.py) ---
+    from .distributed import resolve as _resolve_distributed
+
+    dp = _resolve_distributed(distributed)
+    shard = None
+    if dp is not None:
+        if isinstance(train_data, DataLoader):
+            raise ValueError("distributed fit needs train_data as (X, y) tensors (each rank shards them with a "
+                             "DistributedSampler), not a DataLoader")
+        batch_size, shard = dp.local_batch(batch_size), dp.shard
+    # --- end of hook ---
     if isinstance(model, torch.nn.Module):
         model.to(device)
         set_kl_weight(model, kl_weight)
@@ -355,7 +381,8 @@ def fit(
 
     params = None
     frozen = {}
-    num_batches = math.ceil(n / batch_size) if not isinstance(train_data, DataLoader) else len(train_data)
+    num_batches = math.ceil((n if dp is None else len(shard(torch.arange(n)))) / batch_size) \
+        if not isinstance(train_data, DataLoader) else len(train_data)
     bar = tqdm(total=epochs * num_batches, disable=not progress, desc="SVI", unit="step", leave=False)
     step = len(history.loss)
     try:
@@ -363,21 +390,24 @@ def fit(
             t0 = time.perf_counter()
             epoch_elbo = []
             in_warm_start = epoch < start_epoch + warm_start_epochs
+            if dp is not None:  # issue 14: independent noise on ranks > 0, reproducible across a resume
+                dp.seed_noise(seed, epoch)
             if in_warm_start:  # the deterministic twin (see _deterministic_epoch); no SVI step below
                 if params is None:
                     params, optimizer, frozen = _setup_training(model, guide, train_data, batch_size, n, elbo, lr,
-                                                                guide_lr, optimizer, device, rng_state is not None)
-                _deterministic_epoch(model, train_data, batch_size, n, optimizer, generator, device, epoch, history)
+                                                                guide_lr, optimizer, device, rng_state is not None, dp)
+                _deterministic_epoch(model, train_data, batch_size, n, optimizer, generator, device, epoch, history,
+                                     dp=dp, params=params)
                 bar.update(num_batches)
                 if epoch + 1 == start_epoch + warm_start_epochs:
                     history.events.append({"epoch": epoch, "event": "warm_start_end",
                                            "epochs": warm_start_epochs})
             svi_batches = () if in_warm_start else iterate_batches(train_data, batch_size, shuffle=True,
-                                                                   generator=generator, device=device)
+                                                                   generator=generator, device=device, shard=shard)
             for x, y in svi_batches:
                 if params is None:
                     params, optimizer, frozen = _setup_training(model, guide, (x, y), batch_size, n, elbo, lr,
-                                                                guide_lr, optimizer, device, rng_state is not None)
+                                                                guide_lr, optimizer, device, rng_state is not None, dp)
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     loss_value = minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
@@ -388,10 +418,10 @@ def fit(
                 if not torch.isfinite(loss_value):
                     raise TrainingDivergedError(_diagnose_nan(guide, step, loss_value))
                 loss_value.backward()
+                value = dp.average_gradients(params, loss_value) if dp is not None else loss_value.item()
                 optimizer.step()
                 if frozen:
                     _restore_frozen(frozen)
-                value = loss_value.item()
                 history.loss.append(value)
                 epoch_elbo.append(-value)
                 step += 1
@@ -402,7 +432,7 @@ def fit(
             history.seconds.append(time.perf_counter() - t0)
             # No continuous pruning in the deterministic warm start: the posteriors have not moved.
             if prune_every is not None and not in_warm_start and _prune_due(epoch + 1, prune_start, prune_every):
-                frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history, train_data)
+                frozen = _prune(model, guide, prune_method, prune_options or {}, epoch, history, train_data, dp)
             history.rng_state = capture_rng(generator)  # type: ignore[attr-defined]  # for checkpoints
             stop = False
             for callback in callbacks:
@@ -416,7 +446,7 @@ def fit(
 
 
 def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float, guide_lr, optimizer, device,
-                    keep_rng: bool = False):
+                    keep_rng: bool = False, dp=None):
     """Create the guide's parameters (one traced pass on the first batch of ``data``), the list of
     trainable parameters, the optimizer (unless given) and the frozen values of masked structures.
     With ``keep_rng`` (continuing a saved random state) the extra pass draws nothing from it."""
@@ -425,6 +455,9 @@ def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float
     with _rng_untouched(keep_rng), poutine.trace(param_only=True) as param_trace:
         minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
     params = _trainable(model, guide, param_trace.trace)
+    if dp is not None:  # issue 14: every rank starts from rank 0's parameters and masks
+        masks = [layer.mask for layer in noise_modules(model).values()] if isinstance(model, torch.nn.Module) else []
+        dp.broadcast_parameters(params + masks)
     if optimizer is None:
         optimizer = _adam(_param_groups(params, guide, lr, guide_lr))
     frozen = _freeze_masked(model, guide)  # structures masked before this call stay put
@@ -452,22 +485,24 @@ def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dat
 
 
 def _deterministic_epoch(model, train_data, batch_size: int, n: int, optimizer, generator, device, epoch: int,
-                         history: History) -> None:
+                         history: History, dp=None, params=()) -> None:
     """One warm-start epoch of :func:`fit`: the network with theta = 1, no KL, the guide untouched.
 
     Only the model's parameters receive gradients; Adam skips the variational parameters, whose
     gradients stay None. Appends the epoch's mean log likelihood to ``history.warm_start``.
     """
     log_liks = []
-    for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device):
+    shard = dp.shard if dp is not None else None
+    for x, y in iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device, shard=shard):
         optimizer.zero_grad(set_to_none=True)
         loss_value = deterministic_loss(model, x, y, dataset_size=n)
         if not torch.isfinite(loss_value):
             raise TrainingDivergedError(f"warm-start epoch {epoch}: the loss is {loss_value.item()} "
                                         "(check the learning rate and the data for NaN/inf)")
         loss_value.backward()
+        value = dp.average_gradients(params, loss_value) if dp is not None else loss_value.item()
         optimizer.step()
-        log_liks.append(-loss_value.item())
+        log_liks.append(-value)
     history.warm_start.append(sum(log_liks) / max(len(log_liks), 1))
 
 
@@ -501,13 +536,20 @@ def _prune_due(done: int, prune_start: int, prune_every: int) -> bool:
     return done >= prune_start and (done - prune_start) % prune_every == 0
 
 
-def _prune(model, guide, method: str, options: dict, epoch: int, history: History, data) -> dict:
+def _prune(model, guide, method: str, options: dict, epoch: int, history: History, data, dp=None) -> dict:
     from .pruner import guarded_reduce, prune_event  # late import: the reduction builds on this module
 
     # Continuous pruning never empties a layer unless asked to (min_keep=0) and holds each BMRS
     # reduction to its margin jointly (joint_check=False turns that off).
-    result = guarded_reduce(model, guide, method, data, **options).apply()
-    history.events.append(prune_event(result, epoch))
+    def decide():
+        return prune_event(guarded_reduce(model, guide, method, data, **options).apply(), epoch)
+
+    if dp is not None:  # issue 14: decided on rank 0, masks and event broadcast to every rank
+        from .distributed import decide_on_rank0
+
+        history.events.append(decide_on_rank0(model, decide, dp))
+    else:
+        history.events.append(decide())
     return _freeze_masked(model, guide)
 
 
