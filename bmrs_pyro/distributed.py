@@ -42,7 +42,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DataParallel", "resolve", "init_from_env", "is_writer", "decide_on_rank0", "launch", "follow_run"]
+__all__ = ["DataParallel", "resolve", "init_from_env", "is_writer", "decide_on_rank0", "launch", "follow_run",
+           "run_hook", "strip_nproc"]
 
 
 @dataclass
@@ -155,10 +156,12 @@ def init_from_env(device: str = "cpu") -> Optional[str]:
     return device
 
 
-def decide_on_rank0(model: torch.nn.Module, decide: Callable[[], Any], dp: Optional[DataParallel] = None) -> Any:
+def decide_on_rank0(model: torch.nn.Module, decide: Callable[[], Any], dp: Optional[DataParallel] = None,
+                    *, share: bool = True) -> Any:
     """Run ``decide()`` (a reduction that sets the noise layers' masks) on rank 0 only, then give
-    every rank rank 0's masks and its return value (``broadcast_object_list``; it must pickle).
-    Without a process group it simply calls ``decide()``."""
+    every rank rank 0's masks and, with ``share``, its return value (``broadcast_object_list``; it
+    must pickle; without ``share`` the other ranks get None). Without a process group it simply
+    calls ``decide()``."""
     dp = dp if dp is not None else resolve(None)
     if dp is None:
         return decide()
@@ -167,6 +170,8 @@ def decide_on_rank0(model: torch.nn.Module, decide: Callable[[], Any], dp: Optio
     value = decide() if dp.rank == 0 else None
     layers = noise_modules(model)
     dp.broadcast_parameters([layers[s].mask for s in layers])
+    if not share:
+        return value
     box = [value]
     src = dist.get_global_rank(dp.group, 0) if dp.group is not None else 0
     dist.broadcast_object_list(box, src=src, group=dp.group)
@@ -197,6 +202,33 @@ def strip_nproc(argv: Sequence[str]) -> list:
             continue
         out.append(a)
     return out
+
+
+def run_hook(config, argv: Sequence[str], resume_dir=None) -> Optional[int]:
+    """The ``bmrs run`` hook: with ``--nproc N`` > 1 outside torchrun, launch N workers through
+    torchrun and return their exit code; under torchrun, initialise the process group and, on
+    ranks > 0, take part in the run without writing (:func:`follow_run`) and return 0; return
+    None when the caller (rank 0, or a single process) should run as usual. ValueError if a
+    resumed run was trained on another number of ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in os.environ:
+        if config.nproc > 1:
+            # torchrun's parser would take --nproc for its --nproc-per-node: the workers get the
+            # number from WORLD_SIZE instead (and a resumed run from its config.json).
+            return launch(config.nproc, ["run", *strip_nproc(argv)])
+        return None
+    if resume_dir is not None and config.nproc != world:
+        raise ValueError(f"the run in {resume_dir} was trained on {config.nproc} rank(s); resume it with the same "
+                         f"number (--nproc {config.nproc}, or torchrun --nproc-per-node {config.nproc}), not {world}")
+    if config.nproc != world:
+        raise ValueError(f"--nproc {config.nproc} disagrees with the {world} processes torchrun started; "
+                         "leave --nproc out under torchrun")
+    if world > 1:
+        init_from_env(config.device)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        follow_run(config, resume_dir=resume_dir)
+        return 0
+    return None
 
 
 def follow_run(config, *, resume_dir=None, progress: bool = False) -> None:
