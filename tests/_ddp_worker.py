@@ -60,3 +60,24 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(train("example", None), f"{out_dir}/default-{rank}.pt")  # None: detects the group
     finally:
         dist.destroy_process_group()
+
+
+def nccl_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of the NCCL check (2 GPUs): the default run on ``cuda:<rank>``, saved on the CPU."""
+    import torch.distributed as dist
+
+    from bmrs_pyro import fit
+    from bmrs_pyro.nn import noise_modules
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, guide = make_model("example")
+        x, y = make_data()
+        fit(model, guide, (x, y), device=f"cuda:{rank}", **FIT)
+        state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+        state.update({f"guide.{k}": v.detach().cpu() for k, v in guide.named_parameters()})
+        state["masks"] = {s: layer.mask.cpu() for s, layer in noise_modules(model).items()}
+        torch.save(state, f"{out_dir}/nccl-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
