@@ -69,3 +69,45 @@ def test_resolve_refuses_bad_values_and_detects_no_group():
 
 def test_strip_nproc():
     assert strip_nproc(["run", "--nproc", "2", "--epochs", "3", "--nproc=4"]) == ["run", "--epochs", "3"]
+
+
+def test_resume_with_another_number_of_ranks_is_refused(monkeypatch, tmp_path):
+    from bmrs_pyro.distributed import run_hook
+    from bmrs_pyro.runs import RunConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it; the check comes before any group exists
+    with pytest.raises(ValueError, match="trained on 2 rank"):
+        run_hook(RunConfig(nproc=2), [], resume_dir=tmp_path)
+    with pytest.raises(ValueError, match="disagrees with the 3 processes"):
+        run_hook(RunConfig(nproc=2), [])
+
+
+def test_fit_refuses_a_global_batch_the_ranks_cannot_share():
+    class Two(DataParallel):
+        world_size = 2  # a stand-in: only the arithmetic is checked
+
+    with pytest.raises(ValueError, match="multiple of the 2 ranks"):
+        Two().local_batch(127)
+    assert Two().local_batch(128) == 64
+
+
+@pytest.mark.slow
+def test_bmrs_run_nproc_2_writes_once_and_resumes_with_the_same_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    base = [sys.executable, "-m", "bmrs_pyro", "run"]
+    common = ["--output", str(tmp_path), "--quiet", "--no-report"]
+    done = subprocess.run(base + ["--nproc", "2", "--epochs", "2", "--finetune-epochs", "0", "--prune-every", "1",
+                                  "--name", "ddp", *common], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # one run folder: only rank 0 writes
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert config["nproc"] == 2 and config["batch_size"] == 128
+    again = subprocess.run(base + ["--resume", str(tmp_path / "ddp"), "--epochs", "3", "--quiet", "--no-report"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["epochs"]["train"] == 3 and metrics["epochs"]["resumed_from"] == 2
