@@ -70,15 +70,24 @@ VARIANTS = {
     "lr3e-3_kl0": {"lr": 3e-3, "kl_weight": 0.0},
     "warm50_lr3e-3": {"warm": 0.5, "lr": 3e-3},
     "warm50_lr3e-3_cosine": {"warm": 0.5, "lr": 3e-3, "schedule": "cosine"},
+    "warm50_cosine": {"warm": 0.5, "schedule": "cosine"},
+    "warm50_guide_lr1e-2": {"warm": 0.5, "guide_lr": 1e-2},
+    "warm50_lr3e-3_guide_lr1e-2": {"warm": 0.5, "lr": 3e-3, "guide_lr": 1e-2},
+    "warm50_lr3e-3_cosine_guide_lr1e-2": {"warm": 0.5, "lr": 3e-3, "schedule": "cosine", "guide_lr": 1e-2},
     "recipe": {"warm": WARM_START_FRACTION},  # the chosen recipe: WARM_START_FRACTION of the epochs, nothing else changed
 }
 QUICK = ("det", "det_lr1e-3", "base", "kl0.1", "recipe")
 
 
-def task(name: str):
-    """Data splits and a builder of the task's noise MLP (hidden 100-100 tanh; teacher-student 100)."""
+def task(name: str, model: str = "mlp"):
+    """Data splits and a builder of the task's noise network (MLP hidden 100-100 tanh, teacher-student
+    100; or the zoo's LeNet-5)."""
     options = {"num_samples": 8000} if name == "teacher_student" else {}
     splits = load(name, **options)
+    if model != "mlp":
+        def build_zoo(noise: str = "example"):
+            return build(model, input_shape=splits.input_shape, num_classes=splits.num_classes, noise=noise)
+        return splits, build_zoo
     hidden = (100,) if name == "teacher_student" else (100, 100)
     in_dim = int(torch.tensor(splits.input_shape).prod())
 
@@ -182,6 +191,7 @@ def _param(store, site: str) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="mnist1d", choices=("mnist1d", "digits", "teacher_student"))
+    p.add_argument("--model", default="mlp", choices=("mlp", "lenet5"))
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -192,7 +202,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     variants = args.variants or (list(QUICK) if args.quick else list(VARIANTS))
     epochs = 12 if args.quick else args.epochs
-    splits, builder = task(args.data)
+    splits, builder = task(args.data, args.model)
     for seed in args.seeds:
         for name in variants:
             cfg = dict(BASE, **VARIANTS[name])
@@ -200,7 +210,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             runner = run_deterministic if name.startswith("det") else run_noise
             out = runner(splits, builder, cfg, n_epochs, args.batch_size, seed, args.curves)
-            record = {"data": args.data, "variant": name, "seed": seed, "epochs": n_epochs,
+            record = {"data": args.data, "model": args.model, "variant": name, "seed": seed, "epochs": n_epochs,
                       **{k: v for k, v in cfg.items() if k != "epochs_factor"}, **out,
                       "seconds": round(time.perf_counter() - t0, 2)}
             print(json.dumps(record), flush=True)

@@ -30,9 +30,12 @@ def as_tensors(data: Data, name: str):
     return x, y
 
 
-def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=None, device="cpu"):
+def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=None, device="cpu", shard=None):
     """Yield (x, y) minibatches from a tensor pair (sliced by index, in the order of one
-    ``randperm`` per call when ``shuffle``) or a DataLoader (its own order and batch size)."""
+    ``randperm`` per call when ``shuffle``) or a DataLoader (its own order and batch size).
+
+    ``shard`` (data-parallel training): a function taking the epoch's index order to this rank's
+    share of it (:meth:`bmrs_pyro.distributed.DataParallel.shard`)."""
     if isinstance(data, DataLoader):
         for x, y in data:
             yield x.to(device), y.to(device)
@@ -40,6 +43,9 @@ def iterate_batches(data: Data, batch_size: int, *, shuffle: bool, generator=Non
     x, y = data
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shard is not None:  # this rank's DistributedSampler share of the same order
+        order = shard(order)
+        n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield x[idx].to(device), y[idx].to(device)
@@ -52,9 +58,12 @@ def dataset_size(data: Data) -> int:
     return data[0].shape[0]
 
 
-def num_batches(data: Data, batch_size: int) -> int:
-    """Minibatches per epoch."""
-    return len(data) if isinstance(data, DataLoader) else math.ceil(data[0].shape[0] / batch_size)
+def num_batches(data: Data, batch_size: int, shard=None) -> int:
+    """Minibatches per epoch (of this rank's share with ``shard``)."""
+    if isinstance(data, DataLoader):
+        return len(data)
+    n = data[0].shape[0] if shard is None else len(shard(torch.arange(data[0].shape[0])))
+    return math.ceil(n / batch_size)
 
 
 def check_positive(name: str, value, kind=float) -> None:

@@ -15,6 +15,7 @@ import math
 from typing import Optional
 
 from .criteria import get_criterion
+from .distributed import decide_on_rank0
 from .pruner import guarded_reduce, prune_event
 
 #: Share of the SVI epochs of a ``fit`` call with continuous pruning that pass before the first
@@ -64,10 +65,14 @@ class PruneEvery:
         check_prune_options(method, self.options)
         self.start, self.data = start, data
         self._warm_end = 0
+        self._distributed = None
 
-    def begin(self, *, train_data, start_epoch: int, epochs: int, warm_start_epochs: int = 0, **_) -> None:
-        """Resolve the default start and data from ``fit``'s arguments."""
+    def begin(self, *, train_data, start_epoch: int, epochs: int, warm_start_epochs: int = 0, distributed=None,
+              **_) -> None:
+        """Resolve the default start and data from ``fit``'s arguments (and, under data
+        parallelism, decide each reduction on rank 0 and broadcast it)."""
         self._warm_end = start_epoch + warm_start_epochs
+        self._distributed = distributed
         if self.start is None:
             self.start = self._warm_end + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * (epochs - warm_start_epochs)))
         if self.data is None:
@@ -81,6 +86,11 @@ class PruneEvery:
         if self.start is None:
             raise RuntimeError("PruneEvery needs begin() (fit calls it) or an explicit start and data")
         if self.due(epoch + 1):
-            result = guarded_reduce(model, guide, self.method, self.data, **self.options).apply()
-            history.events.append(prune_event(result, epoch))
+            def decide():
+                return prune_event(guarded_reduce(model, guide, self.method, self.data, **self.options).apply(), epoch)
+
+            if self._distributed is not None:  # decided on rank 0, masks and event broadcast
+                history.events.append(decide_on_rank0(model, decide, self._distributed))
+            else:
+                history.events.append(decide())
         return False

@@ -13,6 +13,7 @@ failure during the run (e.g. training diverged, disk full), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,11 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="CPU threads for torch; one is fastest for small networks (several threads on tiny "
                         "matrices mostly wait on each other) and reproducible; raise it for large conv nets")
 
+    g.add_argument("--nproc", type=_positive_int, default=default(d.nproc),
+                   help="data-parallel SVI on N processes of this machine (launches torchrun; gloo on CPU, NCCL "
+                        "on CUDA); --batch-size is the global minibatch. Or run `torchrun --nproc-per-node N -m "
+                        "bmrs_pyro run ...` yourself (several nodes: see the README's 'Scaling out')")
+
     g = p.add_argument_group("output")
     g.add_argument("--output", default=default(d.output), help="folder that holds run folders")
     g.add_argument("--name", default=default(d.name), help="run folder name; None: <data>-<model>-<method>-<time>")
@@ -255,6 +261,17 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .runs import execute, format_summary, stderr_log
 
     config, resume_dir = _run_config(args, argv)
+    # --- issue 14 hook: --nproc launches torchrun; under torchrun, ranks > 0 train without writing ---
+    from .distributed import run_hook
+
+    if config.nproc == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and resume_dir is None:
+        import dataclasses
+
+        config = dataclasses.replace(config, nproc=int(os.environ["WORLD_SIZE"]))  # recorded for --resume
+    code = run_hook(config, argv, resume_dir)
+    if code is not None:
+        return code
+    # --- end of hook ---
     log = (lambda _msg: None) if config.quiet else stderr_log(PROG)
 
     def report(run_dir: Path) -> None:  # runs while the run still holds its folder's lock

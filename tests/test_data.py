@@ -29,7 +29,7 @@ def _ids(X: torch.Tensor) -> list[int]:
 # ----------------------------------------------------------------------------- API surface
 
 def test_dataset_names_and_unknown_name():
-    assert DATASETS == ("digits", "mnist1d", "teacher_student", "mnist", "fashion_mnist", "cifar10")
+    assert DATASETS == ("digits", "mnist1d", "teacher_student", "mnist5k", "mnist", "fashion_mnist", "cifar10")
     with pytest.raises(ValueError) as err:
         load("imagenet")
     for name in DATASETS:
