@@ -7,17 +7,7 @@
 - :mod:`.plots`: the figures; :func:`build_report`: the report of a run folder.
 """
 
-from .inference_data import (
-    compare_pruned,
-    history_from_idata,
-    masks_from_idata,
-    pointwise_log_likelihood,
-    posterior_draws,
-    posteriors_from_idata,
-    reductions_from_idata,
-    summaries_from_idata,
-    to_inference_data,
-)
+from .inference_data import compare_pruned, pointwise_log_likelihood, posterior_draws, to_inference_data
 from .plots import (
     plot_accuracy_compression,
     plot_delta_f,
@@ -28,7 +18,14 @@ from .plots import (
     plot_reduction_densities,
 )
 from .report import build_report, render_figures, save_figures
-from .sources import SavedReduction
+from .sources import (
+    SavedReduction,
+    history_from_idata,
+    masks_from_idata,
+    posteriors_from_idata,
+    reductions_from_idata,
+    summaries_from_idata,
+)
 
 __all__ = [
     "SavedReduction",

@@ -21,11 +21,15 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 
+from bmrs_pyro.criteria import resolve_margin
 from bmrs_pyro.distributions import TruncatedNormal
 from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
 
 from .palette import KEPT, NEUTRAL, OKABE_ITO, PRUNED, method_colour
-from .sources import SavedReduction, as_reductions, is_delta_f_method, keep_mask, kept_total, masks, posteriors, scores_of
+from .sources import (
+    SavedReduction, as_reductions, az, history_from_idata, is_delta_f_method, keep_mask, kept_total, masks, posteriors,
+    scores_of,
+)
 
 __all__ = [
     "plot_posterior_forest",
@@ -268,8 +272,6 @@ def plot_reduction_densities(
     if not indices or any(not 0 <= i < size for i in indices):
         raise ValueError(f"indices must be a non-empty list in [0, {size}) for {site!r}, got {indices}")
     kind, opts = _reduced_spec(reduced)
-    from bmrs_pyro.criteria import resolve_margin
-
     margin = resolve_margin(opts.get("margin"), bool(opts.get("reference_code", False)))
     keep_given = decided = None
     if hasattr(reduced, "keep") and site in getattr(reduced, "keep", {}):
@@ -392,11 +394,8 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
 
 def _history_parts(history: Any) -> tuple[np.ndarray, list, np.ndarray]:
     """(ELBO per SVI epoch, events, log likelihood per deterministic warm-start epoch)."""
-    import arviz as az
 
     if isinstance(history, az.InferenceData):
-        from .inference_data import history_from_idata
-
         history = history_from_idata(history)
         if history is None:
             raise ValueError("the inference data has no 'training' group: pass history= to to_inference_data")

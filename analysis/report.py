@@ -23,10 +23,11 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from bmrs_pyro.runs import atomic_write_bytes, atomic_write_text
+from bmrs_pyro import __version__
+from bmrs_pyro.atomic_io import atomic_write_bytes, atomic_write_text
 
 from . import plots
-from .sources import SavedReduction, is_delta_f_method, scores_of
+from .sources import SavedReduction, az, history_from_idata, is_delta_f_method, masks_from_idata, reductions_from_idata, scores_of
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -69,8 +70,6 @@ def _load_json(path: Path) -> Any:
 
 
 def _decisions(idata) -> dict[str, Any]:
-    from .inference_data import masks_from_idata, reductions_from_idata
-
     reductions = {k: r for k, r in reductions_from_idata(idata).items() if r.keep}
     if not reductions:
         reductions = {"final mask": SavedReduction("mask", {}, masks_from_idata(idata))}
@@ -129,8 +128,6 @@ def render_figures(
     of the run's own reduction, the one the posterior forest is coloured by (default: the first
     stored); the other figures show every stored reduction.
     """
-    from .inference_data import history_from_idata
-
     figures: dict[str, Figure] = {}
     metrics = metrics or {}
     reductions = _decisions(idata) if idata is not None else {}
@@ -353,8 +350,6 @@ def render_html(
     notes: tuple = (),
 ) -> str:
     """The self-contained report page (figures as PNG bytes, embedded)."""
-    from bmrs_pyro import __version__
-
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     decision = decision_sentence(metrics)
     parts = [
@@ -386,7 +381,6 @@ def build_report(run_dir: Any, *, dpi: int = 110) -> Path:
     decisions and ELBO (without it only the metrics-based figures appear), ``curves.json`` the
     accuracy-vs-compression figure.
     """
-    import arviz as az
 
     run = Path(run_dir)
     if not run.is_dir():

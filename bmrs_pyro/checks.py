@@ -20,15 +20,52 @@ are passed through unchecked.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
-__all__ = ["InputError", "check_data", "model_output_width"]
+__all__ = ["InputError", "check_data", "model_output_width", "is_number", "check_int", "positive_int", "nonneg_int",
+           "positive_number"]
 
 
 class InputError(ValueError):
     """Data that cannot be used as given (shape, values or labels); the message says what to fix."""
+
+
+# ------------------------------------------------------------------ scalar options (one place)
+
+
+def is_number(value: Any) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
+    """``value`` as an ``int`` (numpy integers accepted) if it is ``>= minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= 1``, else ValueError("<name> must be a positive integer ...")."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def nonneg_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= 0`` (ValueError otherwise)."""
+    return check_int(name, value, minimum=0)
+
+
+def positive_number(name: str, value: Any) -> float:
+    """``value`` as a ``float`` if it is a finite number ``> 0`` (ValueError otherwise)."""
+    if not (is_number(value) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _fmt_index(flat: int, shape: tuple) -> str:

@@ -56,6 +56,8 @@ import numpy as np
 import pyro
 import torch
 
+from .checks import check_int
+from .atomic_io import atomic_write_json, atomic_write_text
 from .baselines import METHODS, MethodResult, NoiseCriterionMethod, get_method
 from .baselines.common import Budget, Point, seed_all
 from .guides import AutoTruncatedLogNormal
@@ -165,8 +167,7 @@ class CompareConfig:
             self.name = f"{self.data}-{self.model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         for key in ("seeds", "workers", "threads"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+            check_int(key, value, minimum=1)
         if not 0 < self.fraction_step <= 1:
             raise ValueError(f"fraction_step must be in (0, 1], got {self.fraction_step!r}")
         if self.warm_start is not None and (isinstance(self.warm_start, bool)
@@ -538,7 +539,6 @@ def _resume_records(run_dir: Path, config: CompareConfig) -> list[dict]:
                 continue  # a line cut short by the interruption: that task runs again
         if records or lines:
             return records
-    from .runs import atomic_write_text
 
     atomic_write_text(path, json.dumps({"settings": key}) + "\n")
     return []
@@ -880,7 +880,6 @@ def plot_curves(records: Sequence[Mapping], methods: Sequence[str], *, x: str = 
 
 def write_outputs(run_dir: str | os.PathLike, out: Mapping, *, dpi: int = 80) -> dict[str, Path]:
     """Write ``curves.json``, the two figures, ``results.csv``, ``results.md`` and ``widths.md``."""
-    from .runs import atomic_write_json, atomic_write_text
 
     run_dir = Path(run_dir)
     records, rows = out["records"], out["rows"]

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = ["DATASETS", "DataSplits", "load"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "teacher_student", "mnist", "fashion_mnist", "cifar10")
@@ -157,7 +159,7 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, val_fracti
     if unknown:
         raise ValueError(f"load({name!r}) got unsupported option(s) {unknown}; "
                          f"accepted options: {', '.join(accepted)}")
-    seed = _int_option("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
             or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
@@ -166,7 +168,7 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, val_fracti
         raise ValueError(f"normalize must be True or False, got {normalize!r}")
     subset = options.pop("subset", None)
     if subset is not None:
-        subset = _int_option("subset", subset, minimum=1)
+        subset = check_int("subset", subset, minimum=1)
 
     if name == "digits":
         pool, test, num_classes, info = _digits(**options)
@@ -199,12 +201,6 @@ def load(name: str, *, root: str | Path | None = None, seed: int = 0, val_fracti
 # ----------------------------------------------------------------------------- helpers
 
 Arrays = tuple[np.ndarray, np.ndarray]
-
-
-def _int_option(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _fraction_option(name: str, value: Any) -> float:
@@ -275,8 +271,8 @@ def _digits(test_fraction: float = 0.2) -> tuple[Arrays, Arrays, int, dict[str, 
 
 
 def _mnist1d(num_samples: int = 5000, data_seed: int = 42) -> tuple[Arrays, Arrays, int, dict[str, Any]]:
-    num_samples = _int_option("num_samples", num_samples, minimum=20)
-    data_seed = _int_option("data_seed", data_seed, minimum=0)
+    num_samples = check_int("num_samples", num_samples, minimum=20)
+    data_seed = check_int("data_seed", data_seed, minimum=0)
     # make_dataset builds everything from in-package templates; get_dataset (not used) may download.
     from mnist1d.data import get_dataset_args, make_dataset
 
@@ -299,12 +295,12 @@ def _mnist1d(num_samples: int = 5000, data_seed: int = 42) -> tuple[Arrays, Arra
 
 def _teacher_student(num_samples: int = 20000, in_dim: int = 20, teacher_width: int = 8, num_classes: int = 10,
                      test_fraction: float = 0.2, data_seed: int = 0) -> tuple[Arrays, Arrays, int, dict[str, Any]]:
-    num_samples = _int_option("num_samples", num_samples, minimum=2)
-    in_dim = _int_option("in_dim", in_dim, minimum=1)
-    teacher_width = _int_option("teacher_width", teacher_width, minimum=1)
-    num_classes = _int_option("num_classes", num_classes, minimum=2)
+    num_samples = check_int("num_samples", num_samples, minimum=2)
+    in_dim = check_int("in_dim", in_dim, minimum=1)
+    teacher_width = check_int("teacher_width", teacher_width, minimum=1)
+    num_classes = check_int("num_classes", num_classes, minimum=2)
     test_fraction = _fraction_option("test_fraction", test_fraction)
-    data_seed = _int_option("data_seed", data_seed, minimum=0)
+    data_seed = check_int("data_seed", data_seed, minimum=0)
     rng = np.random.default_rng(data_seed)
 
     # Input weights: orthonormal rows when possible, so no two hidden units compute the same

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import io
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,8 +36,22 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import pyro
 import torch
 
+import bmrs_pyro
+
+from .atomic_io import atomic_torch_save, atomic_write_json, atomic_write_with
+from .checks import is_number, nonneg_int, positive_int, positive_number
 from .infer import DEFAULT_PRUNE_WARMUP, History, _adam, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
+from .checkpoint import load_checkpoint, save_checkpoint
+from .checks import check_data
+from .compaction import compact, masked_dense
+from .criteria import CRITERIA, resolve_margin
+from .data import DATASETS, load
+from .guides import AutoTruncatedLogNormal, deep_getattr
+from .pruner import guarded_reduce, prune_event
+from .runlock import RunLock, RunLockedError, create_unique_dir, lock_holder
+from bmrs_pyro.analysis import SavedReduction, to_inference_data
+from bmrs_pyro.models import MODELS, build
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -55,87 +69,6 @@ Log = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     pass
-
-
-# ------------------------------------------------------------------------------ atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, then os.replace.
-
-    On any error the temporary file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None and err.errno:
-            # e.g. a full disk while writing: say which file (OSError picks the errno's subclass).
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings so the file stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Serialise ``obj`` as indented JSON in memory first, then write it atomically.
-
-    Serialising before touching the disk means a value that cannot be encoded raises before
-    any file exists; the atomic write covers a crash while writing.
-    """
-    buffer = io.StringIO()
-    json.dump(_finite(obj), buffer, indent=2, default=_json_default, allow_nan=False)
-    buffer.write("\n")
-    return atomic_write_text(path, buffer.getvalue())
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` made atomic (serialised to memory, then :func:`atomic_write_bytes`)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -209,13 +142,12 @@ class RunConfig:
         if cfg.prune_every is None:
             continuous = _has_rule(cfg.method) and cfg.fraction is None and cfg.method != "none"
             cfg.prune_every = DEFAULT_PRUNE_EVERY if continuous else 0
-        if cfg.warm_start_epochs is None and _is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
+        if cfg.warm_start_epochs is None and is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
             cfg.warm_start_epochs = warm_start_epochs_for(int(cfg.epochs))  # bad epochs: validate() says so
         if cfg.prune_start is None and cfg.prune_every and isinstance(cfg.epochs, int):
             warm = cfg.warm_start_epochs if isinstance(cfg.warm_start_epochs, int) else 0
             cfg.prune_start = warm + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * (cfg.epochs - warm)))
         if cfg.margin is None and _is_bmrs(cfg.method) and cfg.fraction is None:
-            from .criteria import resolve_margin
 
             cfg.margin = resolve_margin(None, cfg.reference_code and cfg.method == "bmrs_n")
         if cfg.model != "mlp":
@@ -229,10 +161,6 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every option; raises ValueError with what to change. Returns ``self``."""
-        from bmrs_pyro.models import MODELS
-
-        from .criteria import CRITERIA
-        from .data import DATASETS
 
         if self.data not in DATASETS:
             raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
@@ -240,30 +168,27 @@ class RunConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
         if self.method not in CRITERIA:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(CRITERIA)}")
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("posterior_samples", self.posterior_samples)
-        _positive_int("latency_repeats", self.latency_repeats)
-        _positive_int("threads", self.threads)
-        _nonneg_int("finetune_epochs", self.finetune_epochs)
-        _nonneg_int("seed", self.seed)
-        _nonneg_int("bits", self.bits)
+        positive_int("epochs", self.epochs)
+        positive_int("batch_size", self.batch_size)
+        positive_int("posterior_samples", self.posterior_samples)
+        positive_int("latency_repeats", self.latency_repeats)
+        positive_int("threads", self.threads)
+        nonneg_int("finetune_epochs", self.finetune_epochs)
+        nonneg_int("seed", self.seed)
+        nonneg_int("bits", self.bits)
         if self.method == "bmrs_u":
             check_bits(self.bits)
-        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_is_number(self.guide_lr) and self.guide_lr > 0 and math.isfinite(self.guide_lr)):
-            raise ValueError(f"guide_lr must be a positive number, got {self.guide_lr!r}")
-        if not (_is_number(self.kl_weight) and self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+        positive_number("lr", self.lr)
+        positive_number("guide_lr", self.guide_lr)
+        if not (is_number(self.kl_weight) and self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
             raise ValueError(f"kl_weight must be a finite number >= 0 (1 is the true ELBO), got {self.kl_weight!r}")
-        if self.fraction is not None and not (_is_number(self.fraction) and 0 <= self.fraction <= 1):
+        if self.fraction is not None and not (is_number(self.fraction) and 0 <= self.fraction <= 1):
             raise ValueError(f"fraction must be in [0, 1] (the share of structures to remove), got {self.fraction!r}")
         if self.prune_every is not None:
-            _nonneg_int("prune_every", self.prune_every)
+            nonneg_int("prune_every", self.prune_every)
         if self.prune_start is not None:
-            _positive_int("prune_start", self.prune_start)
+            positive_int("prune_start", self.prune_start)
         if self.margin is not None or self.reference_code:
-            from .criteria import resolve_margin
 
             if self.margin is not None and not _is_bmrs(self.method):
                 raise ValueError(f"--margin applies to bmrs_n and bmrs_u only, not to {self.method!r}")
@@ -273,7 +198,7 @@ class RunConfig:
         if self.method == "none" and (self.fraction is not None or self.prune_every):
             raise ValueError("--method none removes nothing: drop --fraction and --prune-every")
         if self.warm_start_epochs is not None:
-            _nonneg_int("warm_start_epochs", self.warm_start_epochs)
+            nonneg_int("warm_start_epochs", self.warm_start_epochs)
             if self.warm_start_epochs > self.epochs:
                 raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) is counted inside epochs "
                                  f"({self.epochs}) and cannot exceed it")
@@ -344,26 +269,11 @@ def check_bits(bits: Any) -> None:
                          f"the prior's range [e^-20, 1]), got {bits!r}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _nonneg_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
 def _is_bmrs(method: str) -> bool:
     return method in ("bmrs_n", "bmrs_u")
 
 
 def _has_rule(method: str) -> bool:
-    from .criteria import CRITERIA
 
     criterion = CRITERIA.get(method)
     return criterion is not None and criterion.has_rule
@@ -489,10 +399,6 @@ def build_experiment(config: RunConfig) -> Experiment:
 
     Seeds Pyro and torch with ``config.seed`` first, so the initial weights are reproducible.
     """
-    from bmrs_pyro.models import build
-
-    from .data import load
-    from .guides import AutoTruncatedLogNormal
 
     device = check_device(config.device)
     pyro.clear_param_store()
@@ -520,7 +426,6 @@ def build_experiment(config: RunConfig) -> Experiment:
 
 
 def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
-    from .checkpoint import save_checkpoint
 
     def callback(epoch: int, history: History, model, guide) -> bool:
         if path is not None:
@@ -541,7 +446,6 @@ def hold_pruned(exp: Experiment) -> None:
     ``fit`` freezes them itself after each of its own pruning steps; this covers the epochs after
     a resume and the fine-tuning stage.
     """
-    from .guides import deep_getattr
 
     guide = exp.guide
     for site, layer in noise_modules(exp.model).items():
@@ -596,7 +500,6 @@ def final_reduction(exp: Experiment):
     to its margin jointly on the training data (:func:`bmrs_pyro.pruner.check_jointly`), so the
     run always ends with a working network.
     """
-    from .pruner import guarded_reduce, prune_event
 
     cfg = exp.config
     result = guarded_reduce(exp.model, exp.guide, cfg.method, exp.data.train, fraction=cfg.fraction,
@@ -657,7 +560,7 @@ def measure_latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 20,
     machine several threads wait on each other and a 0.04 ms forward pass can take 90 ms, which
     would measure the machine rather than the network. ``threads=None`` keeps torch's setting.
     """
-    _positive_int("repeats", repeats)
+    positive_int("repeats", repeats)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     before = torch.get_num_threads()
     if threads is not None and not x.is_cuda:
@@ -690,7 +593,6 @@ def compaction_summary(exp: Experiment, *, latency_batch: int = 256) -> tuple[to
     latency is the median time of a forward pass on a batch of up to ``latency_batch`` test
     examples, masked dense network (no Pyro, full width) against the compacted one.
     """
-    from .compaction import compact, masked_dense
 
     x_test = exp.data.test[0]
     one = x_test[:1].to(exp.device)
@@ -743,36 +645,23 @@ def reduction_to_dict(reduction) -> dict:
 
 def reduction_from_dict(data: dict):
     """A :class:`bmrs_pyro.analysis.SavedReduction` from :func:`reduction_to_dict` output."""
-    from bmrs_pyro.analysis import SavedReduction
 
     return SavedReduction(data["method"], dict(data["scores"]), dict(data["keep"]), dict(data.get("options") or {}))
 
 
 def write_run(run_dir: Path, exp: Experiment, reduction, metrics: dict, compacted: torch.nn.Module) -> None:
     """Write ``metrics.json``, ``compacted.pt`` (+ state dict) and ``inference_data.nc`` atomically."""
-    from bmrs_pyro.analysis import to_inference_data
 
     atomic_torch_save(compacted, run_dir / COMPACTED_FILE)
     atomic_torch_save(compacted.state_dict(), run_dir / COMPACTED_STATE_FILE)
     idata = to_inference_data(exp.model, exp.guide, num_samples=exp.config.posterior_samples,
                               reduction={exp.config.method: reduction}, history=exp.history, seed=exp.config.seed)
-    # netCDF goes through a temporary file of its own (the writer needs a path), then os.replace.
-    fd, tmp = tempfile.mkstemp(prefix=f".{IDATA_FILE}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        idata.to_netcdf(tmp)
-        os.replace(tmp, run_dir / IDATA_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(run_dir / IDATA_FILE, idata.to_netcdf)
     atomic_write_json(run_dir / METRICS_FILE, metrics)
 
 
 def config_record(config: RunConfig, argv: Optional[Sequence[str]] = None) -> dict:
     """``config.json`` content: every option plus versions and the command line."""
-    import bmrs_pyro
 
     record = config.to_dict()
     record.update({"bmrs_pyro_version": bmrs_pyro.__version__, "torch_version": torch.__version__,
@@ -846,7 +735,6 @@ class OpenedRun:
 
 def check_experiment_data(exp: "Experiment") -> None:
     """Check every split of ``exp.data`` against the model (:func:`bmrs_pyro.checks.check_data`)."""
-    from .checks import check_data
 
     for split in ("train", "val", "test"):
         data = getattr(exp.data, split, None)
@@ -896,7 +784,6 @@ def _preflight_new(config: RunConfig, default_name: bool) -> Path:
 
 
 def _refuse_existing(run_dir: Path) -> None:
-    from .runlock import RunLockedError, lock_holder
 
     holder = lock_holder(run_dir) if run_dir.is_dir() else None
     if holder is not None:
@@ -920,10 +807,6 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
         RunLockedError: another process holds the folder (its PID in the message).
         ValueError / FileNotFoundError / PermissionError: what to fix, in one line.
     """
-    import shutil
-
-    from .checkpoint import load_checkpoint
-    from .runlock import RunLock, create_unique_dir
 
     t_start = time.perf_counter()
     if resume:
@@ -1014,7 +897,6 @@ def _refuse_existing_config(run_dir: Path) -> None:
 
 def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progress: bool,
              argv: Optional[Sequence[str]], opened: OpenedRun) -> tuple[Path, dict, Any]:
-    from .checkpoint import save_checkpoint
 
     t_start = opened.t_start
     exp, start = opened.exp, opened.start

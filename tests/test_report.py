@@ -489,7 +489,7 @@ def test_layers_keep_network_order_through_netcdf(tmp_path):
     """Twelve-module backbones have sites net.2 ... net.11: stored JSON sorts them as text."""
     from bmrs_pyro.analysis import to_inference_data
     from bmrs_pyro.analysis.sources import posteriors
-    from bmrs_pyro.analysis.inference_data import reductions_from_idata, site_table
+    from bmrs_pyro.analysis.sources import reductions_from_idata, site_table
     from bmrs_pyro.guides import AutoTruncatedLogNormal
     from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier
     from bmrs_pyro.pruner import reduce

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int
 from ..criteria import StructureLinks, structure_map
 from ..curves import count_parameters
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
@@ -57,9 +58,9 @@ class Budget:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
+            check_int(name, getattr(self, name), minimum=1)
         for name in ("finetune_epochs", "rounds", "round_epochs"):
-            _check_int(name, getattr(self, name), minimum=0)
+            check_int(name, getattr(self, name), minimum=0)
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not self.lr > 0 or not math.isfinite(self.lr)):
             raise ValueError(f"budget lr must be a positive number or None, got {self.lr!r}")
@@ -82,11 +83,6 @@ class Budget:
     def lr_or(self, default: float) -> float:
         """The budget's learning rate, or the method's ``default`` when none was given."""
         return float(self.lr) if self.lr is not None else default
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -229,7 +225,7 @@ class PruningMethod:
         if not callable(model_builder):
             raise ValueError("model_builder must be a callable returning a fresh model, e.g. lambda: mlp(64, 10)")
         check_data(data)
-        _check_int("seed", seed, minimum=0)
+        check_int("seed", seed, minimum=0)
         budget = Budget.coerce(budget)
         opts = self.check_options(options)
         start = time.perf_counter()
@@ -331,7 +327,7 @@ def train_network(
     ``param_groups`` overrides the default single group of all trainable parameters. Returns the
     mean loss of every epoch.
     """
-    _check_int("epochs", epochs, minimum=0)
+    check_int("epochs", epochs, minimum=0)
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return []
