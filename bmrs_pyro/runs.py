@@ -42,11 +42,12 @@ from .atomic_io import atomic_torch_save, atomic_write_json, atomic_write_with
 from .checks import is_number, nonneg_int, positive_int, positive_number
 from .infer import DEFAULT_PRUNE_WARMUP, History, _adam, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
-from .checkpoint import load_checkpoint, save_checkpoint
+from . import checkpoint  # module attribute lookups: tests replace checkpoint.save_checkpoint
 from .checks import check_data
 from .compaction import compact, masked_dense
 from .criteria import CRITERIA, resolve_margin
-from .data import DATASETS, load
+from . import data as datasets  # module attribute lookup: tests replace data.load
+from .data import DATASETS
 from .guides import AutoTruncatedLogNormal, deep_getattr
 from .pruner import guarded_reduce, prune_event
 from .runlock import RunLock, RunLockedError, create_unique_dir, lock_holder
@@ -403,7 +404,7 @@ def build_experiment(config: RunConfig) -> Experiment:
     device = check_device(config.device)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    splits = load(config.data, root=config.root, seed=config.seed)
+    splits = datasets.load(config.data, root=config.root, seed=config.seed)
     kwargs: dict[str, Any] = {}
     if config.model == "mlp":
         kwargs = {"hidden": tuple(config.hidden or ()), "activation": config.activation}
@@ -429,7 +430,7 @@ def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
 
     def callback(epoch: int, history: History, model, guide) -> bool:
         if path is not None:
-            save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
+            checkpoint.save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
                             config=exp.config.to_dict(), epoch=epoch + 1,
                             extra={"stage": "train", "elapsed": exp.elapsed()},
                             rng_state=getattr(history, "rng_state", None))
@@ -829,7 +830,7 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
             log(f"loading {config.data} and building {config.model}")
             exp = build_experiment(config)
             check_experiment_data(exp)
-            state = load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
+            state = checkpoint.load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
             exp.history = state["history"]
             exp.rng_state = state.get("rng_state")
             start = int(state["epoch"] or 0)
@@ -919,7 +920,7 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     if config.finetune_epochs:
         log(f"fine-tuning {config.finetune_epochs} epochs with the masks frozen")
         finetune(exp, progress=progress)
-    save_checkpoint(run_dir / FINAL_FILE, exp.model, exp.guide, optimizer=exp.optimizer, history=exp.history,
+    checkpoint.save_checkpoint(run_dir / FINAL_FILE, exp.model, exp.guide, optimizer=exp.optimizer, history=exp.history,
                     config=config.to_dict(), epoch=config.epochs + config.finetune_epochs,
                     extra={"stage": "final", "train_epochs": config.epochs, "reduction": reduction_to_dict(reduction)})
     train_seconds = time.perf_counter() - t_train
