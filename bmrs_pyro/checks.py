@@ -19,6 +19,7 @@ are passed through unchecked.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from typing import Any, Iterator, Optional
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 __all__ = ["InputError", "check_data", "model_output_width", "is_number", "check_int", "positive_int", "nonneg_int",
-           "positive_number"]
+           "positive_number", "arg_int_at_least", "arg_positive_int", "arg_nonneg_int", "arg_float",
+           "arg_positive_float", "arg_nonneg_float", "arg_fraction"]
 
 
 class InputError(ValueError):
@@ -66,6 +68,63 @@ def positive_number(name: str, value: Any) -> float:
     if not (is_number(value) and value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+# ------------------------------------------------------------------ command-line value parsers (argparse types)
+
+
+def arg_int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``, refused with "must be <what>, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+arg_positive_int = arg_int_at_least(1, "a positive integer")
+arg_nonneg_int = arg_int_at_least(0, "an integer >= 0")
+
+
+def arg_float(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def arg_positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = arg_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def arg_nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = arg_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def arg_fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a share of structures to remove)."""
+    value = arg_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of structures to remove), got {text!r}")
+    return value
 
 
 def _fmt_index(flat: int, shape: tuple) -> str:
