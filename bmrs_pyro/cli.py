@@ -28,10 +28,9 @@ from .criteria import CRITERIA
 from .data import DATASETS
 from .infer import DEFAULT_PRUNE_WARMUP, TrainingDivergedError
 from .runlock import RunLock
-from .runs import (
-    CONFIG_FILE, DEFAULT_PRUNE_EVERY, METRICS_FILE, RunConfig, ensure_writable, execute, format_summary, parse_hidden,
-    read_run_config, stderr_log,
-)
+from .run_config import CONFIG_FILE, DEFAULT_PRUNE_EVERY, METRICS_FILE, RunConfig, ensure_writable, parse_hidden, read_run_config
+from .run_summary import format_summary
+from .runs import execute, stderr_log
 from bmrs_pyro.analysis.report import build_report
 from bmrs_pyro.models import MODELS
 

@@ -460,7 +460,7 @@ def test_dom_check_flags_external_and_broken_images():
 
 def test_report_says_what_was_removed_and_why(run_dir, tmp_path):
     from bmrs_pyro.analysis.report import decision_sentence
-    from bmrs_pyro.runs import decision_summary
+    from bmrs_pyro.run_summary import decision_summary
 
     run, metrics = run_dir
     base = {"structures": {"total": 200, "kept": 36, "removed_pct": 82.0}, "method": "bmrs_n",
