@@ -11,6 +11,7 @@ from torch import nn
 from ..nn import noise_mode
 from .common import CompactModel, _backbone, _check_deterministic, _count_params, _flops, _posterior_means, _Unsupported
 from .graph import _GraphCompactor, _dense_copy
+from .network_part import NetworkPart, observation_sites
 from .sequential import _SequentialCompactor
 
 #: The compaction engines ``compact(method=...)`` accepts (was ``METHODS``).
@@ -27,8 +28,12 @@ def compact(
     """A plain network computing the masked model's ``"mean"``-mode output, pruned structures gone.
 
     Args:
-        model: a :class:`~bmrs_pyro.nn.NoisyClassifier` (its ``net`` is compacted) or an
-            ``nn.Module`` mapping x -> output whose only Pyro statements are noise layers.
+        model: a :class:`~bmrs_pyro.nn.NoisyClassifier` (its ``net`` is compacted), an
+            ``nn.Module`` mapping x -> output whose only Pyro statements are noise layers, or a
+            hand-written Pyro model whose ``forward(x)`` returns the network's output and also
+            declares a data plate and observation sites: given ``example_input``, its network
+            part is compacted (:class:`~bmrs_pyro.compaction.network_part.NetworkPart`: the
+            observation statements are silenced, nothing is sampled).
         guide: the fitted guide (e.g. ``AutoTruncatedLogNormal``) giving E_q[theta]; by default
             each noise layer's attached guide (:meth:`MultiplicativeNoise.posterior_mean`).
         example_input: a batch for the network; needed for FLOPs and by the graph engine (tracing).
@@ -49,6 +54,9 @@ def compact(
     _check_deterministic(net)
     if example_input is not None and not torch.is_tensor(example_input):
         raise ValueError(f"example_input must be a tensor batch, got {type(example_input).__name__}")
+    if example_input is not None and not isinstance(net, nn.Sequential) and observation_sites(net, example_input):
+        # A hand-written model (data plate, ``obs``): compact the network part x -> forward(x).
+        net = NetworkPart(net)
     means = _posterior_means(net, guide)
     reason = None
     body: Optional[nn.Module] = None
