@@ -27,7 +27,7 @@ from .common import (
     total_parameters,
     train_network,
 )
-from .noise_criteria import sweep_fractions
+from ..curves import sweep_fractions
 
 
 class _Bounded:
