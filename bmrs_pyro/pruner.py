@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -282,7 +282,8 @@ def reduce(
             keep = {site: _top_up(keep[site], alive[site], criterion.importance(scores[site]), min_keep)
                     for site in sites}
     else:
-        keep = _keep_fraction(criterion, scores, alive, fraction, scope, min_keep)
+        importance = {site: criterion.importance(score) for site, score in scores.items()}
+        keep = keep_fraction(importance, fraction, alive=alive, scope=scope, min_keep=min_keep)
 
     kept_per_layer = {site: (int(keep[site].sum()), sites[site].num_structures) for site in sites}
     total = sum(t for _, t in kept_per_layer.values())
@@ -318,27 +319,45 @@ def _top_up(keep: torch.Tensor, alive: torch.Tensor, importance: torch.Tensor, m
     return keep
 
 
-def _keep_fraction(criterion: Criterion, scores: dict, alive: dict, fraction: float, scope: str,
-                   min_keep: int) -> dict:
-    sites = list(scores)
-    if scope == "global":
-        buckets = [sites]
-    else:
-        buckets = [[site] for site in sites]
+def keep_fraction(importance: Mapping[str, torch.Tensor], fraction: float, *,
+                  alive: Optional[Mapping[str, torch.Tensor]] = None, scope: str = "global",
+                  min_keep: int = 1) -> dict[str, torch.Tensor]:
+    """The one ranked removal: keep masks after removing ``floor(fraction * S)`` structures, least
+    important first.
+
+    Args:
+        importance: per site, one score per structure (higher = more important); with
+            ``scope="global"`` they must be comparable across sites.
+        fraction: the share in [0, 1] of each bucket's structures that ends removed, counting
+            those already dead in ``alive`` (default: all alive).
+        scope: ``"global"`` ranks all sites together, ``"layer"`` each site on its own.
+        min_keep: every site keeps at least this many of its alive structures (so the count may
+            fall short at high fractions).
+
+    Ties are broken by position (stable sort: the lower index goes first). Returns
+    ``{site: bool keep mask}``.
+    """
+    fraction = _check_fraction(fraction)
+    if fraction is None:
+        raise ValueError("fraction must be a number in [0, 1], got None")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    sites = list(importance)
+    if alive is None:
+        alive = {s: torch.ones(importance[s].numel(), dtype=torch.bool) for s in sites}
+    buckets = [sites] if scope == "global" else [[site] for site in sites]
     keep = {}
     for bucket in buckets:
-        importance = torch.cat([criterion.importance(scores[s]).to(torch.float64) for s in bucket])
-        live = torch.cat([alive[s] for s in bucket])
-        groups = torch.cat([torch.full((scores[s].numel(),), i) for i, s in enumerate(bucket)])
-        n_total = live.numel()
-        target = math.floor(fraction * n_total + _FLOOR_TOL)
+        imp = torch.cat([importance[s].detach().to(torch.float64).flatten() for s in bucket])
+        live = torch.cat([alive[s].bool().flatten() for s in bucket])
+        groups = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(bucket)])
+        target = math.floor(fraction * live.numel() + _FLOOR_TOL)
         already = int((~live).sum())
         room = {i: max(int(alive[s].sum()) - min_keep, 0) for i, s in enumerate(bucket)}
-        removed = _rank_remove(importance, live, target - already, groups, room)
-        kept = live & ~removed
+        kept = live & ~_rank_remove(imp, live, target - already, groups, room)
         start = 0
         for s in bucket:
-            n = scores[s].numel()
+            n = importance[s].numel()
             keep[s] = kept[start : start + n]
             start += n
     return keep
@@ -505,4 +524,4 @@ def prune_event(result: ReductionResult, epoch: int, **extra) -> dict:
     return event
 
 
-__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "guarded_reduce", "prune_event", "reduce"]
+__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "guarded_reduce", "keep_fraction", "prune_event", "reduce"]

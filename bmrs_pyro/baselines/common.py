@@ -26,7 +26,6 @@ from ..checks import check_int
 from ..criteria import StructureLinks, structure_map
 from ..curves import count_parameters
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
-from ..pruner import _rank_remove  # the one greedy least-important-first removal with per-layer room
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 ModelBuilder = Callable[[], nn.Module]
@@ -462,30 +461,6 @@ def per_layer_counts(alive: Mapping[str, torch.Tensor], fraction: float, min_kee
     return counts
 
 
-def keep_global_fraction(importance: Mapping[str, torch.Tensor], fraction: float,
-                         min_keep: int = 1) -> dict[str, torch.Tensor]:
-    """Remove ``floor(fraction * S)`` structures of all layers together, least important first.
-
-    One global ranking (the importances must be comparable across layers); each layer keeps at
-    least ``min(min_keep, width)`` structures, so the count may fall short at high fractions.
-    """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
-    sites = list(importance)
-    flat = torch.cat([importance[s].detach().to(torch.float64).flatten() for s in sites])
-    owner = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(sites)])
-    room = [importance[s].numel() - min(min_keep, importance[s].numel()) for s in sites]
-    target = math.floor(fraction * flat.numel() + 1e-9)
-    alive = torch.ones(flat.numel(), dtype=torch.bool)
-    removed = _rank_remove(flat, alive, target, owner, dict(enumerate(room)))
-    keep, start = {}, 0
-    for s in sites:
-        n = importance[s].numel()
-        keep[s] = ~removed[start:start + n]
-        start += n
-    return keep
-
-
 def incoming_weight_norm(links: Mapping[str, StructureLinks], p: float = 2.0,
                          weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """Per site, the L``p`` norm of each structure's incoming weights (producer row or filter).
@@ -573,7 +548,6 @@ __all__ = [
     "example_inputs",
     "get_masks",
     "incoming_weight_norm",
-    "keep_global_fraction",
     "last_within",
     "links_of",
     "logits",
