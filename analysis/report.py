@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from bmrs_pyro import __version__
 from bmrs_pyro.atomic_io import atomic_write_bytes, atomic_write_text
 
-from . import plots
+from . import plots, plots_compression, plots_training
 from .sources import SavedReduction, az, history_from_idata, is_delta_f_method, masks_from_idata, reductions_from_idata, scores_of
 
 CONFIG_FILE = "config.json"
@@ -134,10 +134,10 @@ def render_figures(
     order = [row["site"] for row in metrics.get("layers", []) if isinstance(row, Mapping) and "site" in row]
     reductions = {label: _in_order(r, order) for label, r in reductions.items()}
     if reductions:
-        figures["kept_width"] = plots.plot_kept_width(reductions)
+        figures["kept_width"] = plots_compression.plot_kept_width(reductions)
     elif metrics.get("layers"):
         layers = {row["site"]: (row["kept"], row["total"]) for row in metrics["layers"]}
-        figures["kept_width"] = plots.plot_kept_width(layers)
+        figures["kept_width"] = plots_compression.plot_kept_width(layers)
     if reductions:
         main = primary if primary in reductions else next(iter(reductions))
         figures["posterior_forest"] = plots.plot_posterior_forest(idata, {main: reductions[main]})
@@ -153,9 +153,9 @@ def render_figures(
         history = {"elbo": metrics["elbo"], "events": []}
     if history is not None and history["elbo"]:
         epochs = metrics.get("epochs") if isinstance(metrics.get("epochs"), Mapping) else {}
-        figures["elbo"] = plots.plot_elbo(history, train_epochs=epochs.get("train"))
+        figures["elbo"] = plots_training.plot_elbo(history, train_epochs=epochs.get("train"))
     if curves:
-        figures["accuracy_compression"] = plots.plot_accuracy_compression(curves)
+        figures["accuracy_compression"] = plots_compression.plot_accuracy_compression(curves)
     return {name: figures[name] for name in CAPTIONS if name in figures}
 
 

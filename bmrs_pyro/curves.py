@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .criteria import NORM_TYPES, StructureLinks, example_input, get_criterion, structure_map
+from .criteria import get_criterion
+from .structures import NORM_TYPES, StructureLinks, example_input, structure_map
 from .infer import evaluate, fit
 from .nn import noise_modules
 from .pruner import reduce
