@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from .registry import lookup, register
 from .reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
 from .structures import (  # the weight- and activation-based criteria, registered below; re-exported
     StructureLinks, activation_score, example_input, l2_score, structure_map,
@@ -137,21 +138,12 @@ CRITERIA: dict[str, Criterion] = {}
 
 def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
     """Add ``criterion`` to :data:`CRITERIA` (ValueError if the name is taken, unless ``overwrite``)."""
-    if not isinstance(criterion, Criterion):
-        raise ValueError(f"expected a Criterion, got {type(criterion).__name__}")
-    if criterion.name in CRITERIA and not overwrite:
-        raise ValueError(f"a criterion named {criterion.name!r} is already registered; pass overwrite=True")
-    CRITERIA[criterion.name] = criterion
-    return criterion
+    return register(CRITERIA, criterion, Criterion, "criterion", overwrite=overwrite)
 
 
 def get_criterion(name: str | Criterion) -> Criterion:
     """Look up a criterion by name (a :class:`Criterion` is returned as is)."""
-    if isinstance(name, Criterion):
-        return name
-    if name not in CRITERIA:
-        raise ValueError(f"unknown pruning method {name!r}; available: {sorted(CRITERIA)}")
-    return CRITERIA[name]
+    return lookup(CRITERIA, name, Criterion)
 
 
 # ---------------------------------------------------------------- posterior-based criteria
