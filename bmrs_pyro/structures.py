@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import pyro
 import pyro.poutine as poutine
@@ -205,8 +205,38 @@ def l2_score(model, guide, site, layer, *, data=None) -> torch.Tensor:
             f"l2: found no Linear/Conv layer with {layer.num_structures} outputs feeding {site}; "
             "the L2 criterion needs the noise layer to follow one (Linear -> act -> noise)"
         )
-    w = producer.weight.detach().to(torch.float64)
-    return w.reshape(w.shape[0], -1).norm(dim=1)
+    return weight_norm(producer.weight)
+
+
+def weight_norm(weight: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """The L``p`` norm of each output row / filter of a Linear or Conv weight (float64): the score
+    of the weight-magnitude criteria (``l2`` here, the iterative baselines' L1)."""
+    w = weight.detach().to(torch.float64)
+    return w.reshape(w.shape[0], -1).norm(p=p, dim=1)
+
+
+def mean_abs_activation(layers: Mapping[str, MultiplicativeNoise], run: Callable[[], Any]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per site, the mean |output| of each structure of its noise layer over what ``run()`` feeds
+    the network (examples and positions), and the number of rows averaged (0 if never reached)."""
+    totals = {site: torch.zeros(layer.num_structures, dtype=torch.float64) for site, layer in layers.items()}
+    counts = {site: 0 for site in layers}
+
+    def hook_for(site: str):
+        def hook(mod, inputs, output):
+            dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
+            a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
+            totals[site] += a.sum(0).cpu()
+            counts[site] += a.shape[0]
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(site)) for site, layer in layers.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {site: totals[site] / max(counts[site], 1) for site in layers}, counts
 
 
 def _first_input(data) -> torch.Tensor:
@@ -242,23 +272,12 @@ def activation_score(model, guide, site, layer, *, data=None, batch_size=1024) -
         raise ValueError("the activation criterion needs data: pass data=(X, y) (training data)")
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    total = torch.zeros(layer.num_structures, dtype=torch.float64)
-    count = 0
-
-    def hook(mod, inputs, output):
-        nonlocal total, count
-        dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
-        a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
-        total += a.sum(0).cpu()
-        count += a.shape[0]
-
-    handle = layer.register_forward_hook(hook)
-    try:
+    def run() -> None:
         with _quiet_eval(model), noise_mode(model, "mean"):
             for x in _input_batches(data, batch_size):
                 model(x)
-    finally:
-        handle.remove()
-    if count == 0:
+
+    means, counts = mean_abs_activation({site: layer}, run)
+    if counts[site] == 0:
         raise ValueError(f"activation: {site} was never reached by the data (is data empty?)")
-    return total / count
+    return means[site]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_int
-from ..structures import StructureLinks, structure_map
+from ..structures import StructureLinks, mean_abs_activation, weight_norm, structure_map
 from ..curves import count_parameters
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
 from .results import Budget, MethodResult, Point
@@ -311,12 +311,8 @@ def incoming_weight_norm(links: Mapping[str, StructureLinks], p: float = 2.0,
     ``weights`` (site -> weight tensor) replaces the producers' own weights (e.g. posterior means).
     The bias is not included.
     """
-    out = {}
-    for site, link in links.items():
-        w = weights[site] if weights is not None else link.producer.weight
-        w = w.detach().to(torch.float64)
-        out[site] = w.reshape(w.shape[0], -1).norm(p=p, dim=1)
-    return out
+    return {site: weight_norm(weights[site] if weights is not None else link.producer.weight, p)
+            for site, link in links.items()}
 
 
 @torch.no_grad()
@@ -326,28 +322,16 @@ def mean_activation(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     The attention map with power p = 1 of Zhao, Jain & Zhao (2022), measured after the
     activation, in eval mode. Masked structures score 0.
     """
-    layers = noise_modules(model)
-    totals = {site: torch.zeros(layer.num_structures, dtype=torch.float64) for site, layer in layers.items()}
-    counts = {site: 0 for site in layers}
-    handles = []
-    for site, layer in layers.items():
-        def hook(mod, inputs, output, site=site):
-            dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
-            a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
-            totals[site] += a.sum(0)
-            counts[site] += a.shape[0]
+    def run() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                logits(model, x[start:start + batch_size])
+        finally:
+            model.train(was_training)
 
-        handles.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            logits(model, x[start:start + batch_size])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return {site: totals[site] / max(counts[site], 1) for site in layers}
+    return mean_abs_activation(noise_modules(model), run)[0]
 
 
 def last_within(points: Sequence[Point], baseline: float, tolerance: float) -> int:
