@@ -25,7 +25,9 @@ import math
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyro.poutine as poutine
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 __all__ = ["InputError", "check_data", "model_output_width", "is_number", "check_int", "positive_int", "nonneg_int",
            "positive_number", "arg_int_at_least", "arg_positive_int", "arg_nonneg_int", "arg_float",
@@ -198,7 +200,6 @@ def _side_effect_free(model: torch.nn.Module) -> Iterator[None]:
 
 def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
     """What the model's first Linear/Conv layer expects, when that is what ``x`` gets wrong."""
-    import math
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -215,7 +216,6 @@ def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
 
 def _probe(model: torch.nn.Module, x: torch.Tensor, name: str, obs_site: str, device: Any):
     """One forward pass on two examples; the observation site's distribution (or None)."""
-    import pyro.poutine as poutine
 
     xb = x[:2]
     if device is not None:
@@ -277,7 +277,6 @@ def check_data(data: Any, model: Any = None, *, name: str = "data", obs_site: st
     with its random state, mode and gradients left as they were; a model that is not an
     ``nn.Module``, or whose forward needs more than ``X``, gets the checks that need no model.
     """
-    from torch.utils.data import DataLoader, TensorDataset
 
     if isinstance(data, DataLoader):
         dataset = data.dataset

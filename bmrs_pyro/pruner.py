@@ -14,9 +14,13 @@ import math
 from typing import Mapping, Optional
 
 import torch
+from torch.distributions import kl_divergence
+from torch.utils.data import DataLoader
 
+from .checks import check_data
 from .criteria import CRITERIA, SCOPES, Criterion, get_criterion
 from .structures import _quiet_eval
+from .distributions import LogUniform
 from .guides import find_noise_guide
 from .nn import MultiplicativeNoise, noise_modules
 from .reduction_result import ReductionResult
@@ -148,8 +152,6 @@ def reduce(
     if criterion.needs_data and data is None:
         raise ValueError(f"{criterion.name!r} needs data: pass data=(X, y) (training data)")
     if data is not None:
-        from .checks import check_data
-
         check_data(data, model, name="data")  # one-line errors before any structure is scored
     noise_guide = _noise_guide(guide)
     sites = _sites(model, noise_guide)
@@ -258,7 +260,7 @@ def keep_fraction(importance: Mapping[str, torch.Tensor], fraction: float, *,
 def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Sum over (x, y) of log p(y | x) in deterministic mode (E_q[theta] * mask); leaves the random
     state, the modules' train/eval modes and BatchNorm statistics as they were."""
-    from .infer import _evaluate  # late import: training builds on this module
+    from .infer import _evaluate  # late: infer still imports this module (until the pruning callback lands)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with _quiet_eval(model):
@@ -268,7 +270,6 @@ def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_
 
 def _some_examples(data, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Up to ``limit`` examples of ``(X, y)`` or a DataLoader, and the size of the whole set."""
-    from torch.utils.data import DataLoader
 
     if isinstance(data, DataLoader):
         xs, ys, count = [], [], 0
@@ -319,10 +320,6 @@ def check_jointly(
         ``result`` itself when the whole set keeps the margin, else a new result with fewer
         structures removed; either way ``result.options["joint_check"]`` records the check.
     """
-    from torch.distributions import kl_divergence
-
-    from .distributions import LogUniform
-
     margin = result.margin
     if margin is None:
         return result
