@@ -7,28 +7,19 @@
 - :mod:`.plots`: the figures; :func:`build_report`: the report of a run folder.
 """
 
-from .inference_data import (
-    compare_pruned,
+from .inference_data import compare_pruned, pointwise_log_likelihood, posterior_draws, to_inference_data
+from .plots import plot_delta_f, plot_e_theta_histograms, plot_posterior_forest, plot_reduction_densities
+from .plots_compression import plot_accuracy_compression, plot_kept_width
+from .plots_training import plot_elbo
+from .report import build_report, render_figures, save_figures
+from .sources import (
+    SavedReduction,
     history_from_idata,
     masks_from_idata,
-    pointwise_log_likelihood,
-    posterior_draws,
     posteriors_from_idata,
     reductions_from_idata,
     summaries_from_idata,
-    to_inference_data,
 )
-from .plots import (
-    plot_accuracy_compression,
-    plot_delta_f,
-    plot_e_theta_histograms,
-    plot_elbo,
-    plot_kept_width,
-    plot_posterior_forest,
-    plot_reduction_densities,
-)
-from .report import build_report, render_figures, save_figures
-from .sources import SavedReduction
 
 __all__ = [
     "SavedReduction",

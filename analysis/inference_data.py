@@ -23,7 +23,8 @@ variable names to site names):
     recorded; attr ``events`` (JSON list, e.g. continuous-pruning events).
 
 Everything survives ``to_netcdf`` / ``az.from_netcdf``; :func:`posteriors_from_idata`,
-:func:`reductions_from_idata`, :func:`masks_from_idata` and :func:`history_from_idata` read it back.
+:func:`reductions_from_idata`, :func:`masks_from_idata` and :func:`history_from_idata` (in
+:mod:`bmrs_pyro.analysis.sources`, which both this module and the plots build on) read it back.
 """
 
 from __future__ import annotations
@@ -42,15 +43,12 @@ from pyro.poutine.util import site_is_subsample
 import torch
 import xarray as xr
 
-from bmrs_pyro.distributions import TruncatedLogNormal
+from bmrs_pyro.checks import positive_int
 from bmrs_pyro.guides import is_noise_site
 from bmrs_pyro.nn import noise_mode
 
-from .sources import SavedReduction, as_reductions, is_delta_f_method, keep_mask, noise_guide, scores_of
+from .sources import SEP, TRAINING_GROUP, as_reductions, is_delta_f_method, keep_mask, noise_guide, scores_of
 
-SEP = "__"
-TRAINING_GROUP = "training"
-_SUMMARIES = ("loc", "scale", "mean", "sd", "snr", "mask")
 
 
 def var_name(site: str) -> str:
@@ -72,12 +70,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise ValueError(f"data must be a pair (X, y) of tensors, got {type(data).__name__}")
@@ -96,7 +88,7 @@ def posterior_draws(guide: Any, num_samples: int, seed: int = 0) -> dict[str, to
     """``{site: (num_samples, S) float64}`` draws of theta from the guide, without touching the
     global random state."""
     guide = noise_guide(guide)
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = positive_int("num_samples", num_samples)
     out = {}
     device = next(iter(guide.layers.values())).mask.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -136,7 +128,7 @@ def pointwise_log_likelihood(
     seeds the guide's draws of other latent sites; the global random state is left alone.
     """
     x, y = _check_data(data)
-    max_rows = _check_positive_int("max_rows", max_rows)
+    max_rows = positive_int("max_rows", max_rows)
     ng = noise_guide(guide)
     layers = ng.layers
     device = next(iter(layers.values())).mask.device
@@ -319,7 +311,7 @@ def to_inference_data(
 
     The layout is in this module's docstring.
     """
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = positive_int("num_samples", num_samples)
     ng = noise_guide(guide)
     reductions = as_reductions(reduction)
     draws = posterior_draws(ng, num_samples, seed)
@@ -342,7 +334,7 @@ def to_inference_data(
     kwargs: dict[str, Any] = {}
     if data is not None:
         x, y = _check_data(data)
-        k = num_samples if log_likelihood_draws is None else _check_positive_int("log_likelihood_draws", log_likelihood_draws)
+        k = num_samples if log_likelihood_draws is None else positive_int("log_likelihood_draws", log_likelihood_draws)
         if k > num_samples:
             raise ValueError(f"log_likelihood_draws ({k}) cannot exceed num_samples ({num_samples})")
         subset = {s: d[:k] for s, d in draws.items()}
@@ -366,91 +358,6 @@ def to_inference_data(
     if history is not None:
         idata.add_groups({TRAINING_GROUP: _history_dataset(history)})
     return idata
-
-
-# ---------------------------------------------------------------------------------- reading
-
-
-def _require(idata: Any, group: str) -> xr.Dataset:
-    if not isinstance(idata, az.InferenceData):
-        raise ValueError(f"expected arviz.InferenceData, got {type(idata).__name__}")
-    if group not in idata.groups():
-        raise ValueError(
-            f"the inference data has no {group!r} group (groups: {idata.groups()}); "
-            "build it with bmrs_pyro.analysis.to_inference_data"
-        )
-    return idata[group]
-
-
-def site_table(idata: az.InferenceData) -> dict[str, dict]:
-    """``{variable name: {"site", "low", "high", "noise", "num_structures"}}`` in site order."""
-    cd = _require(idata, "constant_data")
-    if "sites" not in cd.attrs:
-        raise ValueError("constant_data lacks the 'sites' attribute: build it with to_inference_data")
-    table = json.loads(cd.attrs["sites"])
-    order = json.loads(cd.attrs["site_order"]) if "site_order" in cd.attrs else []
-    if sorted(order) != sorted(table):  # written before site_order existed: keep what is there
-        return table
-    return {v: table[v] for v in order}
-
-
-def posteriors_from_idata(idata: az.InferenceData) -> dict[str, TruncatedLogNormal]:
-    """``{site: TruncatedLogNormal}`` rebuilt from the stored loc, scale and bounds."""
-    cd = _require(idata, "constant_data")
-    out = {}
-    for v, meta in site_table(idata).items():
-        loc = torch.as_tensor(cd[f"{v}{SEP}loc"].values, dtype=torch.float64)
-        scale = torch.as_tensor(cd[f"{v}{SEP}scale"].values, dtype=torch.float64)
-        out[meta["site"]] = TruncatedLogNormal(loc, scale, meta["low"], meta["high"])
-    return out
-
-
-def masks_from_idata(idata: az.InferenceData) -> dict[str, torch.Tensor]:
-    """``{site: bool tensor}``: the layers' masks when the data were written."""
-    cd = _require(idata, "constant_data")
-    return {meta["site"]: torch.as_tensor(cd[f"{v}{SEP}mask"].values > 0.5)
-            for v, meta in site_table(idata).items()}
-
-
-def summaries_from_idata(idata: az.InferenceData) -> dict[str, dict[str, np.ndarray]]:
-    """``{site: {"loc", "scale", "mean", "sd", "snr", "mask": array}}``."""
-    cd = _require(idata, "constant_data")
-    return {meta["site"]: {k: cd[f"{v}{SEP}{k}"].values for k in _SUMMARIES}
-            for v, meta in site_table(idata).items()}
-
-
-def reductions_from_idata(idata: az.InferenceData) -> dict[str, SavedReduction]:
-    """``{label: SavedReduction}`` for every reduction stored in ``constant_data``."""
-    cd = _require(idata, "constant_data")
-    meta = json.loads(cd.attrs.get("reductions", "{}"))
-    sites = site_table(idata)
-    out = {}
-    for label, info in meta.items():
-        keep, scores = {}, {}
-        for v, site_meta in sites.items():
-            k = f"{v}{SEP}{label}{SEP}keep"
-            if k in cd:
-                keep[site_meta["site"]] = torch.as_tensor(cd[k].values.astype(bool))
-            s = f"{v}{SEP}{label}{SEP}score"
-            if s in cd:
-                scores[site_meta["site"]] = torch.as_tensor(cd[s].values, dtype=torch.float64)
-        out[label] = SavedReduction(method=info["method"], scores=scores, keep=keep, options=info.get("options", {}))
-    return out
-
-
-def history_from_idata(idata: az.InferenceData) -> Optional[dict]:
-    """``{"elbo", "seconds", "loss", "events", "warm_start"}`` from the ``training`` group, or None
-    if absent (``warm_start``: the log likelihood per deterministic warm-start epoch)."""
-    if TRAINING_GROUP not in idata.groups():
-        return None
-    ds = idata[TRAINING_GROUP]
-    return {
-        "elbo": ds["elbo"].values.tolist(),
-        "seconds": ds["seconds"].values.tolist() if "seconds" in ds else [],
-        "loss": ds["loss"].values.tolist() if "loss" in ds else [],
-        "events": json.loads(ds.attrs.get("events", "[]")),
-        "warm_start": json.loads(ds.attrs.get("warm_start", "[]")),
-    }
 
 
 # ---------------------------------------------------------------------------------- comparison

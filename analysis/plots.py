@@ -21,20 +21,19 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 
+from bmrs_pyro.criteria import resolve_margin
 from bmrs_pyro.distributions import TruncatedNormal
 from bmrs_pyro.reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
 
 from .palette import KEPT, NEUTRAL, OKABE_ITO, PRUNED, method_colour
-from .sources import SavedReduction, as_reductions, is_delta_f_method, keep_mask, kept_total, masks, posteriors, scores_of
+from .sources import SavedReduction, as_reductions, is_delta_f_method, keep_mask, masks, posteriors, scores_of
+
 
 __all__ = [
     "plot_posterior_forest",
     "plot_delta_f",
     "plot_reduction_densities",
     "plot_e_theta_histograms",
-    "plot_elbo",
-    "plot_accuracy_compression",
-    "plot_kept_width",
     "short_site",
 ]
 
@@ -268,8 +267,6 @@ def plot_reduction_densities(
     if not indices or any(not 0 <= i < size for i in indices):
         raise ValueError(f"indices must be a non-empty list in [0, {size}) for {site!r}, got {indices}")
     kind, opts = _reduced_spec(reduced)
-    from bmrs_pyro.criteria import resolve_margin
-
     margin = resolve_margin(opts.get("margin"), bool(opts.get("reference_code", False)))
     keep_given = decided = None
     if hasattr(reduced, "keep") and site in getattr(reduced, "keep", {}):
@@ -390,246 +387,9 @@ def plot_e_theta_histograms(source: Any, reduction: Any, *, sites: Optional[Sequ
 # ---------------------------------------------------------------------------- ELBO
 
 
-def _history_parts(history: Any) -> tuple[np.ndarray, list, np.ndarray]:
-    """(ELBO per SVI epoch, events, log likelihood per deterministic warm-start epoch)."""
-    import arviz as az
-
-    if isinstance(history, az.InferenceData):
-        from .inference_data import history_from_idata
-
-        history = history_from_idata(history)
-        if history is None:
-            raise ValueError("the inference data has no 'training' group: pass history= to to_inference_data")
-    if isinstance(history, Mapping):
-        elbo, events = history.get("elbo"), history.get("events", [])
-    elif hasattr(history, "elbo"):
-        elbo, events = history.elbo, getattr(history, "events", [])
-    else:
-        elbo, events = history, []
-    try:
-        elbo = np.asarray(list(elbo), dtype=float)
-    except (TypeError, ValueError):
-        raise ValueError("history must be a History, a dict with 'elbo' or a list of floats") from None
-    if elbo.ndim != 1 or elbo.size == 0:
-        raise ValueError("history has no ELBO values")
-    events = list(events or [])
-    return elbo, events, _warm_start_part(history, events)
-
-
-def _warm_start_part(history: Any, events: list) -> np.ndarray:
-    """Log likelihood per deterministic warm-start epoch (empty without one)."""
-    values = history.get("warm_start") if isinstance(history, Mapping) else getattr(history, "warm_start", None)
-    values = np.asarray(list(values or []), dtype=float)
-    if values.size == 0:  # only the event survived: the length of the warm start, no values
-        ends = [e for e in events if isinstance(e, Mapping) and e.get("event") == "warm_start_end"]
-        if ends:
-            values = np.full(int(ends[-1].get("epochs", int(ends[-1]["epoch"]) + 1)), np.nan)
-    return values
-
-
-def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
-    """ELBO per epoch, with the share of structures kept after each continuous-pruning step.
-
-    Accepts a :class:`bmrs_pyro.infer.History`, a dict with ``"elbo"`` (and ``"events"``), a
-    list of floats or inference data with a ``training`` group. Reductions (``"prune"`` events)
-    are drawn as a step line of the structures kept (%, right axis) rather than one line each;
-    a resume (``"resume"`` event) and the start of fine-tuning (``"finetune"`` event, or
-    ``train_epochs``) are marked with labelled vertical lines. A deterministic warm start
-    (``history.warm_start``: theta = 1, no KL) comes first on the epoch axis, its log
-    likelihood drawn dashed. The y range follows the ELBO after the first epochs (the first
-    ones are far below and would flatten the rest); what it leaves out is said in the title.
-    """
-    elbo, events, warm = _history_parts(history)
-    fig, axes = _figure(1, row_height=3.6)
-    ax = axes[0, 0]
-    epochs = np.arange(1, elbo.size + 1) + warm.size
-    ax.plot(epochs, elbo, color=KEPT, marker="o" if elbo.size <= 40 else None, markersize=3, linewidth=1.5,
-            label="ELBO")
-    if warm.size:
-        if np.isfinite(warm).any():
-            ax.plot(np.arange(1, warm.size + 1), warm, color=NEUTRAL, linestyle="--", linewidth=1.4,
-                    label=r"log likelihood, deterministic warm start ($\theta$ = 1, no KL)")
-        ax.axvspan(0.5, warm.size + 0.5, color=NEUTRAL, alpha=0.10)
-        ax.annotate("warm start", (warm.size / 2 + 0.5, 0.03), xycoords=("data", "axes fraction"),
-                    fontsize=8, ha="center", va="bottom", color=OKABE_ITO["black"])
-    title = "Training ELBO per epoch"
-    total = elbo.size + warm.size
-    finite = elbo[np.isfinite(elbo)]
-    if finite.size >= 5:
-        skip = max(1, elbo.size // 10)
-        tail = elbo[skip:][np.isfinite(elbo[skip:])]
-        warm_tail = warm[max(1, warm.size // 10):]
-        warm_tail = warm_tail[np.isfinite(warm_tail)]
-        low = float(min(tail.min(), warm_tail.min())) if warm_tail.size else float(tail.min())
-        high = float(max(tail.max(), warm_tail.max())) if warm_tail.size else float(tail.max())
-        span = max(high - low, 1e-9)
-        bottom = low - 0.08 * span
-        ax.set_ylim(bottom, high + 0.08 * span)
-        hidden = int((elbo < bottom).sum())
-        if hidden:
-            title += f" ({hidden} early epoch{'s' if hidden > 1 else ''} below the range, from {finite.min():.4g})"
-    marks = [e for e in events if isinstance(e, Mapping) and "epoch" in e]
-    prunes = [e for e in marks if e.get("event", "prune") == "prune" and e.get("fraction_removed") is not None]
-    handles, labels = ax.get_legend_handles_labels()
-    if prunes:
-        twin = ax.twinx()
-        xs = [0.5] + [int(e["epoch"]) + 1 for e in prunes] + [total + 0.5]
-        kept = [100.0] + [100.0 * (1.0 - float(e["fraction_removed"])) for e in prunes]
-        kept.append(kept[-1])
-        twin.step(xs, kept, where="post", color=PRUNED, linewidth=1.4)
-        twin.plot(xs[1:-1], kept[1:-1], linestyle="none", marker="v", markersize=4, color=PRUNED,
-                  label=f"structures kept after each reduction ({prunes[0].get('method', 'reduce')})")
-        twin.set_ylim(0, 105)
-        twin.set_ylabel("structures kept (%)", color=PRUNED)
-        twin.set_xlabel("epoch")  # shared with the ELBO axis; twinx does not draw it twice
-        twin.tick_params(axis="y", colors=PRUNED)
-        h2, l2 = twin.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    finetune_at = next((int(e["epoch"]) for e in marks if e.get("event") == "finetune"), train_epochs)
-    for at, text, style in ([(int(e["epoch"]), "resumed", ":") for e in marks if e.get("event") == "resume"]
-                            + ([(finetune_at, "fine-tuning (masks frozen)", "--")]
-                               if finetune_at is not None and 0 < finetune_at < total else [])):
-        line = ax.axvline(at + 0.5, color=NEUTRAL, linestyle=style, linewidth=1.2)
-        ax.annotate(text, (at + 0.5, 0.97), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
-                    color=OKABE_ITO["black"], ha="right", va="top")
-        if text not in labels:
-            handles, labels = handles + [line], labels + [text]
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats)")
-    ax.set_xlim(0.5, total + 0.5)
-    fig.suptitle(title, fontsize=10)
-    ax.legend(handles, labels, loc="lower right", fontsize=8, framealpha=0.9)
-    ax.grid(alpha=0.3)
-    return fig
-
-
 # ---------------------------------------------------------------------------- curves
-
-_X_KEYS = {"structures": ("structures_removed", "structures_removed_pct", "struct"),
-           "parameters": ("parameters_removed", "parameters_removed_pct", "param")}
-
-
-def _pick(point: Mapping, candidates: Sequence[str], what: str) -> float:
-    for key in candidates:
-        if key in point:
-            return float(point[key])
-    for key in point:
-        if any(c in str(key).lower() for c in candidates[-1:]):
-            return float(point[key])
-    raise ValueError(f"curve point {dict(point)} has no {what} value (expected one of {list(candidates)})")
-
-
-def curve_points(curve: Any, x: str = "structures") -> tuple[np.ndarray, np.ndarray, Optional[tuple[float, float]]]:
-    """(x %, accuracy, stop point or None) of a :class:`bmrs_pyro.curves.PruneCurve` or its dict.
-
-    Points are read from ``curve.to_dict()["points"]`` (or a dict with ``"points"``), each a dict
-    with ``structures_removed`` / ``parameters_removed`` (%) and ``accuracy`` (other names
-    containing "struct", "param", "acc" are accepted too); ``stop_point`` is an optional point
-    alike.
-    """
-    if x not in _X_KEYS:
-        raise ValueError(f"x must be 'structures' or 'parameters', got {x!r}")
-    data = curve.to_dict() if hasattr(curve, "to_dict") else curve
-    if not isinstance(data, Mapping) or "points" not in data:
-        raise ValueError("a curve must be a PruneCurve or a dict with 'points' (list of dicts)")
-    points = [p if isinstance(p, Mapping) else vars(p) for p in data["points"]]
-    if not points:
-        raise ValueError("the curve has no points")
-    acc_keys = ("accuracy", "acc")
-    xs = np.array([_pick(p, _X_KEYS[x], x) for p in points])
-    ys = np.array([_pick(p, acc_keys, "accuracy") for p in points])
-    stop = data.get("stop_point")
-    stop_xy = None
-    if stop:
-        stop = stop if isinstance(stop, Mapping) else vars(stop)
-        stop_xy = (_pick(stop, _X_KEYS[x], x), _pick(stop, acc_keys, "accuracy"))
-    order = np.argsort(xs, kind="stable")
-    return xs[order], ys[order], stop_xy
-
-
-def _baseline_accuracy(curve: Any) -> Optional[float]:
-    data = curve.to_dict() if hasattr(curve, "to_dict") else curve
-    base = data.get("baseline") if isinstance(data, Mapping) else None
-    value = base.get("accuracy") if isinstance(base, Mapping) else None
-    return None if value is None else float(value)
-
-
-def plot_accuracy_compression(curves: Mapping[str, Any], *, x: str = "structures") -> Figure:
-    """Accuracy against compression (structures or parameters removed, %) for each method.
-
-    ``curves`` maps a method's name to its :class:`~bmrs_pyro.curves.PruneCurve` (or dict);
-    methods with a ``stop_point`` (BMRS) get a star where they stop. Accuracies in [0, 1] are
-    shown as percentages; the unpruned accuracy (``baseline``), when all curves share it, is a
-    dashed line.
-    """
-    if not isinstance(curves, Mapping) or not curves:
-        raise ValueError("curves must be a non-empty dict {method: PruneCurve or dict}")
-    parsed = {m: curve_points(c, x) for m, c in curves.items()}
-    as_pct = all(max(ys.max(), s[1] if s else 0.0) <= 1.0 for _, ys, s in parsed.values())
-    k = 100.0 if as_pct else 1.0
-    fig, axes = _figure(1, row_height=4.2)
-    ax = axes[0, 0]
-    baselines = {_baseline_accuracy(c) for c in curves.values()} - {None}
-    if len(baselines) == 1:
-        # Every curve starts from the same trained network: its accuracy is the reference.
-        ax.axhline(baselines.pop() * k, color=NEUTRAL, linestyle="--", linewidth=1.0, label="unpruned")
-    for i, (method, (xs, ys, stop)) in enumerate(parsed.items()):
-        colour = method_colour(i)
-        ax.plot(xs, ys * k, color=colour, linewidth=1.5, marker="o", markersize=3, label=method)
-        if stop is not None:
-            ax.plot([stop[0]], [stop[1] * k], linestyle="none", marker="*", markersize=15, color=colour,
-                    markeredgecolor=OKABE_ITO["black"], markeredgewidth=0.8, label=f"{method} stop ({stop[0]:.0f}%)")
-    ax.set_xlabel(f"{x} removed (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xlim(-2, 102)
-    ax.set_title(f"Accuracy against compression ({x})", fontsize=10)
-    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
-    ax.grid(alpha=0.3)
-    return fig
 
 
 # ---------------------------------------------------------------------------- widths
 
 
-def plot_kept_width(source: Any) -> Figure:
-    """Kept width per layer: the total as a grey bar, what each method keeps as coloured bars.
-
-    ``source`` is a reduction, a list / dict of reductions, or ``{site: (kept, total)}``.
-    """
-    if isinstance(source, Mapping) and source and all(
-        isinstance(v, (tuple, list)) and len(v) == 2 for v in source.values()
-    ):
-        tables = {"kept": kept_total(source)}
-    else:
-        reductions = as_reductions(source, "plot_kept_width")
-        if not reductions:
-            raise ValueError("plot_kept_width needs a reduction or {site: (kept, total)}")
-        tables = {label: kept_total(r) for label, r in reductions.items()}
-    sites = []
-    for table in tables.values():
-        sites += [s for s in table if s not in sites]
-    totals = {}
-    for table in tables.values():
-        for s, (_, total) in table.items():
-            if totals.setdefault(s, total) != total:
-                raise ValueError(f"{s}: the reductions disagree on the number of structures")
-    fig, axes = _figure(1, width=max(_WIDTH, 0.9 * len(sites) * max(1, len(tables)) + 2), row_height=3.6)
-    ax = axes[0, 0]
-    xs = np.arange(len(sites))
-    group = 0.8
-    ax.bar(xs, [totals[s] for s in sites], width=group, color=NEUTRAL, alpha=0.35, label="total")
-    bar_w = group / len(tables)
-    for i, (label, table) in enumerate(tables.items()):
-        offs = xs - group / 2 + bar_w * (i + 0.5)
-        kept = [table.get(s, (0, totals[s]))[0] for s in sites]
-        bars = ax.bar(offs, kept, width=bar_w * 0.9, color=method_colour(i), label=label if len(tables) > 1 else "kept")
-        for bar, s, k in zip(bars, sites, kept):
-            ax.annotate(f"{k}/{totals[s]}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs, [short_site(s) for s in sites], rotation=30 if len(sites) > 6 else 0, ha="right" if len(sites) > 6 else "center")
-    ax.set_ylim(0, max(totals.values()) * 1.15)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("structures")
-    ax.set_title("Kept width per layer", fontsize=10)
-    ax.legend(**_OUTSIDE)
-    return fig

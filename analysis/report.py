@@ -23,10 +23,11 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from bmrs_pyro.runs import atomic_write_bytes, atomic_write_text
+from bmrs_pyro import __version__
+from bmrs_pyro.atomic_io import atomic_write_bytes, atomic_write_text
 
-from . import plots
-from .sources import SavedReduction, is_delta_f_method, scores_of
+from . import plots, plots_compression, plots_training
+from .sources import SavedReduction, az, history_from_idata, is_delta_f_method, masks_from_idata, reductions_from_idata, scores_of
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -69,8 +70,6 @@ def _load_json(path: Path) -> Any:
 
 
 def _decisions(idata) -> dict[str, Any]:
-    from .inference_data import masks_from_idata, reductions_from_idata
-
     reductions = {k: r for k, r in reductions_from_idata(idata).items() if r.keep}
     if not reductions:
         reductions = {"final mask": SavedReduction("mask", {}, masks_from_idata(idata))}
@@ -129,18 +128,16 @@ def render_figures(
     of the run's own reduction, the one the posterior forest is coloured by (default: the first
     stored); the other figures show every stored reduction.
     """
-    from .inference_data import history_from_idata
-
     figures: dict[str, Figure] = {}
     metrics = metrics or {}
     reductions = _decisions(idata) if idata is not None else {}
     order = [row["site"] for row in metrics.get("layers", []) if isinstance(row, Mapping) and "site" in row]
     reductions = {label: _in_order(r, order) for label, r in reductions.items()}
     if reductions:
-        figures["kept_width"] = plots.plot_kept_width(reductions)
+        figures["kept_width"] = plots_compression.plot_kept_width(reductions)
     elif metrics.get("layers"):
         layers = {row["site"]: (row["kept"], row["total"]) for row in metrics["layers"]}
-        figures["kept_width"] = plots.plot_kept_width(layers)
+        figures["kept_width"] = plots_compression.plot_kept_width(layers)
     if reductions:
         main = primary if primary in reductions else next(iter(reductions))
         figures["posterior_forest"] = plots.plot_posterior_forest(idata, {main: reductions[main]})
@@ -156,9 +153,9 @@ def render_figures(
         history = {"elbo": metrics["elbo"], "events": []}
     if history is not None and history["elbo"]:
         epochs = metrics.get("epochs") if isinstance(metrics.get("epochs"), Mapping) else {}
-        figures["elbo"] = plots.plot_elbo(history, train_epochs=epochs.get("train"))
+        figures["elbo"] = plots_training.plot_elbo(history, train_epochs=epochs.get("train"))
     if curves:
-        figures["accuracy_compression"] = plots.plot_accuracy_compression(curves)
+        figures["accuracy_compression"] = plots_compression.plot_accuracy_compression(curves)
     return {name: figures[name] for name in CAPTIONS if name in figures}
 
 
@@ -353,8 +350,6 @@ def render_html(
     notes: tuple = (),
 ) -> str:
     """The self-contained report page (figures as PNG bytes, embedded)."""
-    from bmrs_pyro import __version__
-
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     decision = decision_sentence(metrics)
     parts = [
@@ -386,7 +381,6 @@ def build_report(run_dir: Any, *, dpi: int = 110) -> Path:
     decisions and ELBO (without it only the metrics-based figures appear), ``curves.json`` the
     accuracy-vs-compression figure.
     """
-    import arviz as az
 
     run = Path(run_dir)
     if not run.is_dir():

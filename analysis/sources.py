@@ -14,16 +14,29 @@ Only the fields named above are relied on, so the analysis works with any object
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+with warnings.catch_warnings():
+    # ArviZ 0.2x announces its coming refactor on import; users of this module cannot act on it.
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+import numpy as np
 import torch
+import xarray as xr
 
 from bmrs_pyro.distributions import TruncatedLogNormal
 from bmrs_pyro.guides import find_noise_guide
 
 #: Methods whose ``scores`` are the change in log evidence dF (prune where dF >= -margin).
 DELTA_F_PREFIX = "bmrs"
+
+#: Separator in constant_data variable names (``<site>__<field>``) and the ELBO history group.
+SEP = "__"
+TRAINING_GROUP = "training"
+_SUMMARIES = ("loc", "scale", "mean", "sd", "snr", "mask")
 
 
 def is_delta_f_method(method: str) -> bool:
@@ -141,11 +154,7 @@ def noise_guide(guide: Any) -> Any:
 
 def posteriors(source: Any) -> dict[str, TruncatedLogNormal]:
     """``{site: TruncatedLogNormal}`` (detached, CPU) from any posterior source (module docstring)."""
-    import arviz as az
-
     if isinstance(source, az.InferenceData):
-        from .inference_data import posteriors_from_idata
-
         return posteriors_from_idata(source)
     if isinstance(source, tuple) and len(source) == 2:
         source = source[1]
@@ -170,11 +179,92 @@ def posteriors(source: Any) -> dict[str, TruncatedLogNormal]:
 
 def masks(source: Any) -> dict[str, torch.Tensor]:
     """Current masks ``{site: bool tensor}`` of a (model, guide) pair, a guide or inference data."""
-    import arviz as az
-
     if isinstance(source, az.InferenceData):
-        from .inference_data import masks_from_idata
-
         return masks_from_idata(source)
     guide = noise_guide(source[1] if isinstance(source, tuple) else source)
     return {site: layer.mask.detach().cpu().bool() for site, layer in guide.layers.items()}
+
+
+# ---------------------------------------------------------------------------------- reading inference data back
+
+
+def _require(idata: Any, group: str) -> xr.Dataset:
+    if not isinstance(idata, az.InferenceData):
+        raise ValueError(f"expected arviz.InferenceData, got {type(idata).__name__}")
+    if group not in idata.groups():
+        raise ValueError(
+            f"the inference data has no {group!r} group (groups: {idata.groups()}); "
+            "build it with bmrs_pyro.analysis.to_inference_data"
+        )
+    return idata[group]
+
+
+def site_table(idata: az.InferenceData) -> dict[str, dict]:
+    """``{variable name: {"site", "low", "high", "noise", "num_structures"}}`` in site order."""
+    cd = _require(idata, "constant_data")
+    if "sites" not in cd.attrs:
+        raise ValueError("constant_data lacks the 'sites' attribute: build it with to_inference_data")
+    table = json.loads(cd.attrs["sites"])
+    order = json.loads(cd.attrs["site_order"]) if "site_order" in cd.attrs else []
+    if sorted(order) != sorted(table):  # written before site_order existed: keep what is there
+        return table
+    return {v: table[v] for v in order}
+
+
+def posteriors_from_idata(idata: az.InferenceData) -> dict[str, TruncatedLogNormal]:
+    """``{site: TruncatedLogNormal}`` rebuilt from the stored loc, scale and bounds."""
+    cd = _require(idata, "constant_data")
+    out = {}
+    for v, meta in site_table(idata).items():
+        loc = torch.as_tensor(cd[f"{v}{SEP}loc"].values, dtype=torch.float64)
+        scale = torch.as_tensor(cd[f"{v}{SEP}scale"].values, dtype=torch.float64)
+        out[meta["site"]] = TruncatedLogNormal(loc, scale, meta["low"], meta["high"])
+    return out
+
+
+def masks_from_idata(idata: az.InferenceData) -> dict[str, torch.Tensor]:
+    """``{site: bool tensor}``: the layers' masks when the data were written."""
+    cd = _require(idata, "constant_data")
+    return {meta["site"]: torch.as_tensor(cd[f"{v}{SEP}mask"].values > 0.5)
+            for v, meta in site_table(idata).items()}
+
+
+def summaries_from_idata(idata: az.InferenceData) -> dict[str, dict[str, np.ndarray]]:
+    """``{site: {"loc", "scale", "mean", "sd", "snr", "mask": array}}``."""
+    cd = _require(idata, "constant_data")
+    return {meta["site"]: {k: cd[f"{v}{SEP}{k}"].values for k in _SUMMARIES}
+            for v, meta in site_table(idata).items()}
+
+
+def reductions_from_idata(idata: az.InferenceData) -> dict[str, SavedReduction]:
+    """``{label: SavedReduction}`` for every reduction stored in ``constant_data``."""
+    cd = _require(idata, "constant_data")
+    meta = json.loads(cd.attrs.get("reductions", "{}"))
+    sites = site_table(idata)
+    out = {}
+    for label, info in meta.items():
+        keep, scores = {}, {}
+        for v, site_meta in sites.items():
+            k = f"{v}{SEP}{label}{SEP}keep"
+            if k in cd:
+                keep[site_meta["site"]] = torch.as_tensor(cd[k].values.astype(bool))
+            s = f"{v}{SEP}{label}{SEP}score"
+            if s in cd:
+                scores[site_meta["site"]] = torch.as_tensor(cd[s].values, dtype=torch.float64)
+        out[label] = SavedReduction(method=info["method"], scores=scores, keep=keep, options=info.get("options", {}))
+    return out
+
+
+def history_from_idata(idata: az.InferenceData) -> Optional[dict]:
+    """``{"elbo", "seconds", "loss", "events", "warm_start"}`` from the ``training`` group, or None
+    if absent (``warm_start``: the log likelihood per deterministic warm-start epoch)."""
+    if TRAINING_GROUP not in idata.groups():
+        return None
+    ds = idata[TRAINING_GROUP]
+    return {
+        "elbo": ds["elbo"].values.tolist(),
+        "seconds": ds["seconds"].values.tolist() if "seconds" in ds else [],
+        "loss": ds["loss"].values.tolist() if "loss" in ds else [],
+        "events": json.loads(ds.attrs.get("events", "[]")),
+        "warm_start": json.loads(ds.attrs.get("warm_start", "[]")),
+    }

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from bmrs_pyro.baselines import METHODS  # noqa: E402
 from bmrs_pyro.baselines.common import seed_all  # noqa: E402
-from bmrs_pyro.compare import _builder, _load_data, iter_noise_methods  # noqa: E402
+from bmrs_pyro.compare import iter_noise_methods  # noqa: E402
+from bmrs_pyro.compare.config import _builder, _load_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,6 +31,7 @@ import torch
 from pyro.distributions import constraints
 from torch.distributions import transform_to
 
+from .atomic_io import atomic_torch_save
 from .infer import History
 
 FORMAT = "bmrs-pyro-checkpoint"
@@ -110,7 +111,6 @@ def save_checkpoint(
         raise ValueError("the guide has not run yet, so it has no parameters to save: run it once (or fit) first")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
         raise ValueError(f"epoch must be an int >= 0 (epochs completed), got {epoch!r}")
-    from .runs import atomic_torch_save  # late: runs builds on this module
 
     store = pyro.get_param_store().get_state()
     payload = {

@@ -19,16 +19,114 @@ are passed through unchecked.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 from typing import Any, Iterator, Optional
 
+import numpy as np
+import pyro.poutine as poutine
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["InputError", "check_data", "model_output_width"]
+__all__ = ["InputError", "check_data", "model_output_width", "is_number", "check_int", "positive_int", "nonneg_int",
+           "positive_number", "arg_int_at_least", "arg_positive_int", "arg_nonneg_int", "arg_float",
+           "arg_positive_float", "arg_nonneg_float", "arg_fraction"]
 
 
 class InputError(ValueError):
     """Data that cannot be used as given (shape, values or labels); the message says what to fix."""
+
+
+# ------------------------------------------------------------------ scalar options (one place)
+
+
+def is_number(value: Any) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
+    """``value`` as an ``int`` (numpy integers accepted) if it is ``>= minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= 1``, else ValueError("<name> must be a positive integer ...")."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def nonneg_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` if it is an integer ``>= 0`` (ValueError otherwise)."""
+    return check_int(name, value, minimum=0)
+
+
+def positive_number(name: str, value: Any) -> float:
+    """``value`` as a ``float`` if it is a finite number ``> 0`` (ValueError otherwise)."""
+    if not (is_number(value) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+# ------------------------------------------------------------------ command-line value parsers (argparse types)
+
+
+def arg_int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``, refused with "must be <what>, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+arg_positive_int = arg_int_at_least(1, "a positive integer")
+arg_nonneg_int = arg_int_at_least(0, "an integer >= 0")
+
+
+def arg_float(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def arg_positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = arg_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def arg_nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = arg_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def arg_fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a share of structures to remove)."""
+    value = arg_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of structures to remove), got {text!r}")
+    return value
 
 
 def _fmt_index(flat: int, shape: tuple) -> str:
@@ -102,7 +200,6 @@ def _side_effect_free(model: torch.nn.Module) -> Iterator[None]:
 
 def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
     """What the model's first Linear/Conv layer expects, when that is what ``x`` gets wrong."""
-    import math
 
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -119,7 +216,6 @@ def _first_layer(model: torch.nn.Module, x: torch.Tensor) -> Optional[str]:
 
 def _probe(model: torch.nn.Module, x: torch.Tensor, name: str, obs_site: str, device: Any):
     """One forward pass on two examples; the observation site's distribution (or None)."""
-    import pyro.poutine as poutine
 
     xb = x[:2]
     if device is not None:
@@ -181,7 +277,6 @@ def check_data(data: Any, model: Any = None, *, name: str = "data", obs_site: st
     with its random state, mode and gradients left as they were; a model that is not an
     ``nn.Module``, or whose forward needs more than ``X``, gets the checks that need no model.
     """
-    from torch.utils.data import DataLoader, TensorDataset
 
     if isinstance(data, DataLoader):
         dataset = data.dataset

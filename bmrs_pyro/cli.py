@@ -13,16 +13,28 @@ failure during the run (e.g. training diverged, disk full), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
-from .infer import DEFAULT_PRUNE_WARMUP
-from .runs import DEFAULT_PRUNE_EVERY, RunConfig, parse_hidden
-from . import compare as _compare
+from .launch import run_hook
+from .checks import arg_fraction, arg_nonneg_float, arg_nonneg_int, arg_positive_float, arg_positive_int
+from .baselines import METHODS
+from .compare import PARTIAL_FILE, QUICK_BUDGET, CompareConfig, format_markdown, resolve_methods, run_compare
+from .criteria import CRITERIA
+from .data import DATASETS
+from .infer import DEFAULT_PRUNE_WARMUP, TrainingDivergedError
+from .runlock import RunLock
+from .run_config import CONFIG_FILE, DEFAULT_PRUNE_EVERY, METRICS_FILE, RunConfig, ensure_writable, parse_hidden, read_run_config
+from .run_summary import format_summary
+from .runs import execute, stderr_log
+from bmrs_pyro.analysis.report import build_report
+from bmrs_pyro.models import MODELS
 
 PROG = "bmrs"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -57,56 +69,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 # ------------------------------------------------------------------------------ value parsers
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum``, refused with "must be <what>, got ..."."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (the share of structures to remove), got {text!r}")
-    return value
-
-
 def _hidden(text: str) -> tuple[int, ...]:
     try:
         return parse_hidden(text)
@@ -130,11 +92,6 @@ examples:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
-    from bmrs_pyro.models import MODELS
-
-    from .criteria import CRITERIA
-    from .data import DATASETS
-
     d = RunConfig()
 
     def default(value: Any) -> Any:
@@ -155,45 +112,45 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
     g.add_argument("--method", choices=list(CRITERIA), default=default(d.method),
                    help="pruning criterion; bmrs_n, bmrs_u and snr decide by themselves, the others need --fraction; "
                         "none trains the same network and removes nothing (the baseline to compare with)")
-    g.add_argument("--fraction", type=_fraction, default=default(d.fraction),
+    g.add_argument("--fraction", type=arg_fraction, default=default(d.fraction),
                    help="remove this share of structures, lowest-ranked first (post-training)")
-    g.add_argument("--bits", type=_nonneg_int, default=default(d.bits),
+    g.add_argument("--bits", type=arg_nonneg_int, default=default(d.bits),
                    help="bmrs_u: the reduced prior is log-uniform up to 2^-bits")
-    g.add_argument("--margin", type=_nonneg_float, default=default(d.margin),
+    g.add_argument("--margin", type=arg_nonneg_float, default=default(d.margin),
                    help="bmrs_n/bmrs_u: keep a structure only when the log evidence for it, -dF, is at least this "
                         "many nats (prune where dF >= -margin). None: 1, the 'positive evidence' boundary of Kass & "
                         "Raftery (1995); 0 is the strict rule dF >= 0. A constant of the evidence scale: not for tuning")
     g.add_argument("--reference-code", action="store_true", default=default(False),
                    help="bmrs_n: decide as the authors' public code does (its dF lacks -0.5 log 2pi, so it prunes "
                         "where the exact dF >= -0.919): the margin 0.919; the reported dF stays exact")
-    g.add_argument("--prune-every", type=_nonneg_int, default=default(d.prune_every),
+    g.add_argument("--prune-every", type=arg_nonneg_int, default=default(d.prune_every),
                    help=f"epochs between continuous-pruning steps; 0 = prune once after training. "
                         f"None: {DEFAULT_PRUNE_EVERY} for bmrs_n/bmrs_u/snr, 0 with --fraction")
-    g.add_argument("--prune-start", type=_positive_int, default=default(d.prune_start),
+    g.add_argument("--prune-start", type=arg_positive_int, default=default(d.prune_start),
                    help=f"continuous pruning: the epoch after which the first reduction happens (a warm-up, so that "
                         f"no structure is judged before the data have moved its posterior). None: "
                         f"{int(DEFAULT_PRUNE_WARMUP * 100)} %% of --epochs")
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=default(d.epochs), help="training epochs")
-    g.add_argument("--lr", type=_positive_float, default=default(d.lr), help="Adam learning rate of the weights")
-    g.add_argument("--guide-lr", type=_positive_float, default=default(d.guide_lr),
+    g.add_argument("--epochs", type=arg_positive_int, default=default(d.epochs), help="training epochs")
+    g.add_argument("--lr", type=arg_positive_float, default=default(d.lr), help="Adam learning rate of the weights")
+    g.add_argument("--guide-lr", type=arg_positive_float, default=default(d.guide_lr),
                    help="Adam learning rate of the variational parameters (loc, log scale of log theta)")
-    g.add_argument("--batch-size", type=_positive_int, default=default(d.batch_size), help="minibatch size")
-    g.add_argument("--kl-weight", type=_nonneg_float, default=default(d.kl_weight),
+    g.add_argument("--batch-size", type=arg_positive_int, default=default(d.batch_size), help="minibatch size")
+    g.add_argument("--kl-weight", type=arg_nonneg_float, default=default(d.kl_weight),
                    help="weight of the KL term; 1 is the true ELBO")
-    g.add_argument("--finetune-epochs", type=_nonneg_int, default=default(d.finetune_epochs),
+    g.add_argument("--finetune-epochs", type=arg_nonneg_int, default=default(d.finetune_epochs),
                    help="epochs of training after the final reduction, masks frozen")
-    g.add_argument("--warm-start-epochs", type=_nonneg_int, default=default(d.warm_start_epochs),
+    g.add_argument("--warm-start-epochs", type=arg_nonneg_int, default=default(d.warm_start_epochs),
                    help="of the --epochs, how many first train the deterministic network (theta = 1, no KL) "
                         "before SVI; counted inside --epochs. None: half of --epochs (the training recipe)")
-    g.add_argument("--seed", type=_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
+    g.add_argument("--seed", type=arg_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
-    g.add_argument("--threads", type=_positive_int, default=default(d.threads),
+    g.add_argument("--threads", type=arg_positive_int, default=default(d.threads),
                    help="CPU threads for torch; one is fastest for small networks (several threads on tiny "
                         "matrices mostly wait on each other) and reproducible; raise it for large conv nets")
 
-    g.add_argument("--nproc", type=_positive_int, default=default(d.nproc),
+    g.add_argument("--nproc", type=arg_positive_int, default=default(d.nproc),
                    help="data-parallel SVI on N processes of this machine (launches torchrun; gloo on CPU, NCCL "
                         "on CUDA); --batch-size is the global minibatch. Or run `torchrun --nproc-per-node N -m "
                         "bmrs_pyro run ...` yourself (several nodes: see the README's 'Scaling out')")
@@ -227,15 +184,11 @@ def _run_config(args: argparse.Namespace, argv: Sequence[str]) -> tuple[RunConfi
     explicit = _explicit_options(argv)
     resume = explicit.pop("resume", None)
     if resume is None:
-        import dataclasses
-
         fields = {f.name for f in dataclasses.fields(RunConfig)}
         values = {k: v for k, v in vars(args).items() if k in fields}
         if args.model != "mlp" and "hidden" in explicit:
             raise UsageError("--hidden applies to --model mlp only")
         return RunConfig(**values), None
-    from .runs import read_run_config
-
     run_dir = Path(resume)
     saved = read_run_config(run_dir)
     clash = {k: v for k, v in explicit.items() if k not in _RESUME_MUTABLE and v != getattr(saved, k)}
@@ -251,33 +204,22 @@ def _run_config(args: argparse.Namespace, argv: Sequence[str]) -> tuple[RunConfi
     updates = {k: v for k, v in explicit.items() if k in _RESUME_MUTABLE}
     # The folder may have been moved since: record where it is now.
     updates.update(output=str(run_dir.parent), name=run_dir.name)
-    import dataclasses
-
     return dataclasses.replace(saved, **updates), run_dir
 
 
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``bmrs run``: train, prune, compact, write the run folder and print the summary."""
-    from .runs import execute, format_summary, stderr_log
-
     config, resume_dir = _run_config(args, argv)
-    # --- issue 14 hook: --nproc launches torchrun; under torchrun, ranks > 0 train without writing ---
-    from .distributed import run_hook
-
+    # --nproc launches torchrun; under torchrun, ranks > 0 train without writing.
     if config.nproc == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and resume_dir is None:
-        import dataclasses
-
         config = dataclasses.replace(config, nproc=int(os.environ["WORLD_SIZE"]))  # recorded for --resume
     code = run_hook(config, argv, resume_dir)
     if code is not None:
         return code
-    # --- end of hook ---
     log = (lambda _msg: None) if config.quiet else stderr_log(PROG)
 
     def report(run_dir: Path) -> None:  # runs while the run still holds its folder's lock
         log("building the report")
-        from bmrs_pyro.analysis.report import build_report
-
         build_report(run_dir)
 
     # config.json records the whole command, subcommand included, so it can be run again as written.
@@ -299,16 +241,11 @@ example:
 
 def _add_report_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `bmrs run`")
-    p.add_argument("--dpi", type=_positive_int, default=110, help="resolution of the figures")
+    p.add_argument("--dpi", type=arg_positive_int, default=110, help="resolution of the figures")
 
 
 def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``bmrs report RUN_DIR``: rebuild ``figures/`` and ``report.html`` from a run folder."""
-    from bmrs_pyro.analysis.report import build_report
-
-    from .runlock import RunLock
-    from .runs import CONFIG_FILE, METRICS_FILE, ensure_writable
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
@@ -331,6 +268,106 @@ def cmd_report(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------ bmrs compare
+
+_COMPARE_DESCRIPTION = ("Run every chosen pruning method over K seeds on the same network and data (seed s draws "
+               "the same train/validation split for every method) and write <output>/<name>/: curves.json, "
+               "accuracy-against-compression figures, results.csv, results.md and widths.md. Prints the "
+               "markdown table.")
+
+
+_COMPARE_EPILOG = """\
+examples:
+  bmrs compare --quick                                    smoke test: every method, tiny budgets
+  bmrs compare --data digits --model mlp --methods bmrs_n,snr,iap --seeds 5
+  bmrs compare --data digits --model lenet5 --methods all --seeds 3 --epochs 30 --workers 2
+"""
+
+
+def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Options of ``bmrs compare`` (budget options default to None: --quick or the built-in budget)."""
+    d = CompareConfig.__dataclass_fields__
+    # Options whose default depends on others (--quick, the model) are SUPPRESSed: absent from the
+    # namespace unless given, and their help states the default itself.
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--data", choices=DATASETS, default="digits", help="data set")
+    g.add_argument("--model", choices=list(MODELS), default="mlp", help="network")
+    g.add_argument("--hidden", default=argparse.SUPPRESS,
+                   help="hidden widths of the mlp, comma-separated (default: 100,100)")
+    g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default="tanh",
+                   help="activation of the mlp")
+    g.add_argument("--methods", default="all", help=f"'all' or a comma-separated list of {', '.join(METHODS)}")
+    g.add_argument("--seeds", type=int, default=d["seeds"].default, help="number of seeds (0..K-1)")
+    g.add_argument("--subset", type=int, default=argparse.SUPPRESS,
+                   help="keep this many training + validation examples (default: all; --quick: 400)")
+    g = p.add_argument_group("budget (defaults: the built-in budget, or --quick's)")
+    g.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"training epochs before pruning ({d['epochs'].default})")
+    g.add_argument("--finetune-epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"fine-tuning after each one-shot pruning ({d['finetune_epochs'].default})")
+    g.add_argument("--rounds", type=int, default=argparse.SUPPRESS,
+                   help=f"iterative methods' rounds ({d['rounds'].default})")
+    g.add_argument("--round-epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"retraining epochs per round ({d['round_epochs'].default})")
+    g.add_argument("--fraction-step", type=float, default=argparse.SUPPRESS,
+                   help=f"grid step of the swept curves ({d['fraction_step'].default})")
+    g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help=f"minibatch size ({d['batch_size'].default})")
+    g.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help="learning rate of the weights (default: each method's own)")
+    g.add_argument("--warm-start", type=float, default=argparse.SUPPRESS,
+                   help="noise criteria: share of --epochs trained deterministically (theta = 1) before SVI, "
+                        "counted inside --epochs; 0 = SVI from the start (default: 0.5, the training recipe)")
+    g.add_argument("--quick", action="store_true",
+                   help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
+    g = p.add_argument_group("running and output")
+    g.add_argument("--workers", type=int, default=1, help="processes in parallel")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    g.add_argument("--output", default="compare", help="folder that holds comparison folders")
+    g.add_argument("--name", default=argparse.SUPPRESS, help="comparison folder name (default: <data>-<model>-<time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing comparison folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """A :class:`CompareConfig` from parsed ``bmrs compare`` arguments."""
+    given = vars(args)
+    budget = {k: given[k] for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
+                                    "batch_size", "lr", "warm_start") if k in given}
+    values = dict(QUICK_BUDGET) if args.quick else {}
+    subset = given.get("subset", values.pop("subset", None))
+    values.pop("subset", None)
+    data_options = {} if subset is None else {"subset": subset}
+    values.update(budget)
+    if "hidden" in given and args.model != "mlp":
+        raise ValueError("--hidden applies to --model mlp only")
+    hidden = parse_hidden(given["hidden"]) if "hidden" in given else (100, 100)
+    return CompareConfig(data=args.data, model=args.model, methods=tuple(resolve_methods(args.methods)),
+                         seeds=args.seeds, hidden=hidden, activation=args.activation, data_options=data_options,
+                         output=args.output, name=given.get("name"), workers=args.workers, threads=args.threads,
+                         overwrite=args.overwrite, **values)
+
+
+def cmd_compare(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """``bmrs compare``: run, write the folder, print the markdown table; returns the exit code."""
+    config = compare_config_from_args(args)
+    start = time.perf_counter()
+    try:
+        out = run_compare(config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        folder = Path(config.output) / str(config.name)
+        print(f"bmrs: interrupted; the finished (method, seed) pairs are kept in {folder / PARTIAL_FILE}: run the "
+              f"same command with --name {config.name} to continue", file=sys.stderr)
+        return 130
+    print(format_markdown(out["rows"]))
+    errors = [r for r in out["records"] if "error" in r]
+    for r in errors:
+        print(f"bmrs: {r['method']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
+    if not args.quiet:
+        print(f"bmrs: wrote {out['dir']} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 1 if errors else 0
+
+
 # ------------------------------------------------------------------------------ registry
 
 COMMANDS: list[Command] = [
@@ -344,7 +381,7 @@ COMMANDS: list[Command] = [
             "metrics.json and inference_data.nc.",
             _REPORT_EPILOG, _add_report_arguments, cmd_report),
     Command("compare", "run every pruning method over seeds into curves and a table",
-            _compare.DESCRIPTION, _compare.EPILOG, _compare.add_arguments, _compare.cmd_compare),
+            _COMPARE_DESCRIPTION, _COMPARE_EPILOG, _add_compare_arguments, cmd_compare),
 ]
 
 _MAIN_EPILOG = """\
@@ -399,8 +436,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(stop.code or 0) if isinstance(stop.code, int) or stop.code is None else EXIT_USAGE
     handler = args.func
     sub_argv = argv[argv.index(args.command) + 1:] if args.command in argv else argv
-    from .infer import TrainingDivergedError
-
     try:
         return handler(args, sub_argv)
     except TrainingDivergedError as err:

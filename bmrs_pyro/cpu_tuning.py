@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .compaction import Scale
+
 __all__ = ["MaxPool2x2", "NativeConv2d", "tune_for_cpu"]
 
 
@@ -80,7 +82,6 @@ def _is_pool2x2(m: nn.Module) -> bool:
 
 
 def _commutes_with_max(m: nn.Module) -> bool:
-    from .compaction import Scale
 
     if type(m) is nn.ReLU:
         return True

@@ -21,23 +21,19 @@ from __future__ import annotations
 
 import math
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from .nn import MultiplicativeNoise, noise_mode, noise_modules
+from .registry import lookup, register
 from .reduction import bits_to_log_bound, delta_f_log_normal, delta_f_log_uniform
+from .structures import (  # the weight- and activation-based criteria, registered below; re-exported
+    StructureLinks, activation_score, example_input, l2_score, structure_map,
+)
+
 
 SCOPES = ("global", "layer")
-#: Layers whose output channels can be structures (groups=1 convolutions only).
-PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -142,21 +138,12 @@ CRITERIA: dict[str, Criterion] = {}
 
 def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
     """Add ``criterion`` to :data:`CRITERIA` (ValueError if the name is taken, unless ``overwrite``)."""
-    if not isinstance(criterion, Criterion):
-        raise ValueError(f"expected a Criterion, got {type(criterion).__name__}")
-    if criterion.name in CRITERIA and not overwrite:
-        raise ValueError(f"a criterion named {criterion.name!r} is already registered; pass overwrite=True")
-    CRITERIA[criterion.name] = criterion
-    return criterion
+    return register(CRITERIA, criterion, Criterion, "criterion", overwrite=overwrite)
 
 
 def get_criterion(name: str | Criterion) -> Criterion:
     """Look up a criterion by name (a :class:`Criterion` is returned as is)."""
-    if isinstance(name, Criterion):
-        return name
-    if name not in CRITERIA:
-        raise ValueError(f"unknown pruning method {name!r}; available: {sorted(CRITERIA)}")
-    return CRITERIA[name]
+    return lookup(CRITERIA, name, Criterion)
 
 
 # ---------------------------------------------------------------- posterior-based criteria
@@ -292,246 +279,6 @@ def _keep_all(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the network around a noise layer
-
-
-@dataclass
-class StructureLinks:
-    """The layers around one noise layer in a feed-forward (Sequential-style) network.
-
-    ``producer`` is the Linear/Conv whose output channels are the structures (its output rows /
-    filters), ``norms`` the BatchNorm layers between it and the noise layer, ``consumer`` the next
-    Linear/Conv reading them and ``columns_per_structure`` how many of the consumer's input columns
-    each structure owns (1, or H*W after a conv -> flatten -> linear transition).
-    """
-
-    site: str
-    layer: MultiplicativeNoise
-    producer_name: Optional[str] = None
-    producer: Optional[nn.Module] = None
-    norms: list = field(default_factory=list)
-    consumer_name: Optional[str] = None
-    consumer: Optional[nn.Module] = None
-    columns_per_structure: int = 1
-
-
-def _out_channels(module: nn.Module) -> Optional[int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
-        return module.out_channels
-    return None
-
-
-def _in_channels(module: nn.Module) -> Optional[int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
-        return module.in_channels
-    return None
-
-
-def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, MultiplicativeNoise) or not any(True for _ in m.children())
-    ]
-
-
-def _rows(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict]:
-    size = None
-    for v in list(args) + list(kwargs.values()):
-        if torch.is_tensor(v) and v.dim() >= 1:
-            size = v.shape[0]
-            break
-
-    def cut(v):
-        return v[:n] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == size else v
-
-    return tuple(cut(v) for v in args), {k: cut(v) for k, v in kwargs.items()}
-
-
-def example_input(model: nn.Module, guide=None, data=None) -> Optional[tuple[tuple, dict]]:
-    """A small input batch ``(args, kwargs)`` for tracing ``model``, or None if none is known.
-
-    Taken from ``data`` (``(X, y)``, ``X`` or a DataLoader), else from the inputs the guide saw when
-    it first ran (its prototype trace), found through ``guide`` or the noise layers' attached guide.
-    """
-    if data is not None:
-        x = _first_input(data)
-        return (x[:2],), {}
-    guides = [guide] if guide is not None else []
-    for layer in noise_modules(model).values():
-        ref = layer._guide() if layer._guide is not None else None
-        if ref is not None:
-            guides.append(ref)
-    for g in guides:
-        trace = getattr(g, "prototype_trace", None)
-        if trace is not None and "_INPUT" in trace.nodes:
-            node = trace.nodes["_INPUT"]
-            return _rows(tuple(node["args"]), dict(node["kwargs"]), 2)
-    return None
-
-
-@contextlib.contextmanager
-def _quiet_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm uses running stats and keeps them), no grad, no Pyro side effects."""
-    training = {m: m.training for m in model.modules()}
-    rng = pyro.util.get_rng_state()
-    model.eval()
-    try:
-        with torch.no_grad(), poutine.block():
-            yield
-    finally:
-        for m, t in training.items():
-            m.training = t
-        pyro.util.set_rng_state(rng)
-
-
-def _execution_order(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, nn.Module, tuple]]:
-    calls: list = []
-    seen: set = set()
-    handles = []
-    for name, module in _leaves(model):
-        def hook(mod, inputs, output, name=name):
-            if id(mod) not in seen and torch.is_tensor(output):
-                seen.add(id(mod))
-                calls.append((name, mod, tuple(output.shape)))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        # Sample mode draws theta from the prior, so no guide is needed just to see the order.
-        with _quiet_eval(model), noise_mode(model, "sample"):
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def structure_map(model: nn.Module, inputs: Optional[tuple[tuple, dict]] = None) -> dict[str, StructureLinks]:
-    """For every noise site, the layer producing its structures and the layer consuming them.
-
-    With ``inputs`` (``(args, kwargs)`` for ``model``, see :func:`example_input`) the modules are
-    ordered by a traced forward pass, which is right whatever order they were registered in;
-    otherwise by ``model.named_modules()``, which is right for Sequential-style backbones. The
-    producer is the last Linear/Conv (groups=1) before the noise layer with as many outputs as the
-    layer has structures; the consumer is the first Linear/Conv after it whose inputs are a
-    multiple of them. Residual connections are not followed.
-    """
-    layers = noise_modules(model)
-    if inputs is not None:
-        order = [(name, mod) for name, mod, _ in _execution_order(model, *inputs)]
-    else:
-        order = _leaves(model)
-    position = {id(mod): i for i, (_, mod) in enumerate(order)}
-    links = {}
-    for site, layer in layers.items():
-        link = StructureLinks(site, layer)
-        links[site] = link
-        if id(layer) not in position:
-            continue
-        at = position[id(layer)]
-        s = layer.num_structures
-        for i in range(at - 1, -1, -1):
-            name, mod = order[i]
-            if isinstance(mod, NORM_TYPES) and mod.num_features == s:
-                link.norms.append((name, mod))
-            if isinstance(mod, PRODUCER_TYPES):
-                # the nearest Linear/Conv upstream; it produces the structures only if it fits
-                if _out_channels(mod) == s:
-                    link.producer_name, link.producer = name, mod
-                break
-        if link.producer is None:
-            link.norms = []
-        for name, mod in order[at + 1 :]:
-            if not isinstance(mod, PRODUCER_TYPES):
-                continue
-            n_in = _in_channels(mod)
-            if n_in is None:  # grouped convolution: not handled
-                break
-            # n_in == s, or a Linear after flattening (C, H, W) maps channel-major: H*W columns each
-            flattened = isinstance(mod, nn.Linear) and layer.channel_dim != -1 and n_in % s == 0
-            if n_in == s or flattened:
-                link.consumer_name, link.consumer = name, mod
-                link.columns_per_structure = n_in // s
-            break
-    return links
-
-
-def l2_score(model, guide, site, layer, *, data=None) -> torch.Tensor:
-    """L2 norm of the weights into each structure (the BMRS paper's weight-norm baseline).
-
-    For a Linear producer the norm of its output row, for a Conv the norm of its output filter
-    over input channels and kernel; the bias is not included. The producer is the Linear/Conv
-    feeding the noise layer (:func:`structure_map`). Higher = more important. Wright, Igel &
-    Selvan, NeurIPS 2024; the classic magnitude criterion of Li et al., "Pruning Filters for
-    Efficient ConvNets", ICLR 2017 (there with the L1 norm).
-    """
-    links = structure_map(model, example_input(model, guide, data))
-    producer = links[site].producer
-    if producer is None:
-        raise ValueError(
-            f"l2: found no Linear/Conv layer with {layer.num_structures} outputs feeding {site}; "
-            "the L2 criterion needs the noise layer to follow one (Linear -> act -> noise)"
-        )
-    w = producer.weight.detach().to(torch.float64)
-    return w.reshape(w.shape[0], -1).norm(dim=1)
-
-
-def _first_input(data) -> torch.Tensor:
-    if torch.is_tensor(data):
-        return data
-    if isinstance(data, DataLoader):
-        batch = next(iter(data))
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(data, (tuple, list)) and data and torch.is_tensor(data[0]):
-        return data[0]
-    raise ValueError(f"data must be (X, y), X or a DataLoader, got {type(data).__name__}")
-
-
-def _input_batches(data, batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(data, DataLoader):
-        for batch in data:
-            yield batch[0] if isinstance(batch, (tuple, list)) else batch
-        return
-    x = _first_input(data)
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size]
-
-
-def activation_score(model, guide, site, layer, *, data=None, batch_size=1024) -> torch.Tensor:
-    """Mean |activation| of each structure after the noise layer, in mean mode, over ``data``.
-
-    The activation-based criterion of Zhao, Jain & Zhao, "Iterative Activation-based Structured
-    Pruning" (IAP/AIAP), 2022: average the absolute output of each unit/channel over the
-    examples (and spatial positions). The network runs deterministically (theta = E_q[theta] *
-    mask, BatchNorm in eval mode). Higher = more important.
-    """
-    if data is None:
-        raise ValueError("the activation criterion needs data: pass data=(X, y) (training data)")
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    total = torch.zeros(layer.num_structures, dtype=torch.float64)
-    count = 0
-
-    def hook(mod, inputs, output):
-        nonlocal total, count
-        dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
-        a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
-        total += a.sum(0).cpu()
-        count += a.shape[0]
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        with _quiet_eval(model), noise_mode(model, "mean"):
-            for x in _input_batches(data, batch_size):
-                model(x)
-    finally:
-        handle.remove()
-    if count == 0:
-        raise ValueError(f"activation: {site} was never reached by the data (is data empty?)")
-    return total / count
 
 
 register_criterion(Criterion("bmrs_n", bmrs_n_score, _bmrs_keep, higher_is_important=False,

@@ -8,6 +8,8 @@ that survive a set of masks, i.e. the parameters of the physically compacted net
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .criteria import NORM_TYPES, StructureLinks, example_input, get_criterion, structure_map
+from .criteria import get_criterion
+from .structures import NORM_TYPES, StructureLinks, example_input, structure_map
 from .infer import evaluate, fit
 from .nn import noise_modules
 from .pruner import reduce
@@ -175,13 +178,17 @@ def _point_dict(p: CurvePoint) -> dict:
     return d
 
 
-def default_fractions(num_structures: int) -> list[float]:
-    """0, 0.05, ..., 0.95, plus 1 - 1/S (all but one structure; ``min_keep`` then caps per layer)."""
-    fractions = [round(0.05 * i, 10) for i in range(20)]
+def sweep_fractions(num_structures: int, step: float = 0.05) -> list[float]:
+    """The grid of shares of structures removed that a sweep evaluates: 0, step, 2 step, ... below 1,
+    plus 1 - 1/S (all but one structure; ``min_keep`` then caps per layer). The one grid of
+    :func:`prune_curve` and of the baselines' noise-criterion sweeps."""
+    if not (isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1):
+        raise ValueError(f"step must be in (0, 1], got {step!r}")
+    out = [round(step * i, 10) for i in range(int(math.floor(1 / step + 1e-9)) + 1) if step * i < 1 - 1e-9]
     guard = 1.0 - 1.0 / num_structures
-    if guard > fractions[-1]:
-        fractions.append(guard)
-    return fractions
+    if guard > out[-1]:
+        out.append(guard)
+    return out
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -214,7 +221,7 @@ def prune_curve(
 ) -> PruneCurve:
     """Sweep the share of structures removed by ``criterion`` and evaluate each pruned network.
 
-    For every ``f`` in ``fractions`` (default :func:`default_fractions`) the masks are set as by
+    For every ``f`` in ``fractions`` (default :func:`sweep_fractions`) the masks are set as by
     ``reduce(model, guide, criterion, fraction=f, **options)`` starting from the current masks,
     and ``evaluate(model, guide, data, mode)`` is recorded with the structures and parameters
     removed (:func:`count_parameters`). Criteria with a rule of their own (``bmrs_n``, ``bmrs_u``,
@@ -245,7 +252,7 @@ def prune_curve(
     if not layers:
         raise ValueError("the model has no MultiplicativeNoise layer: nothing to prune")
     num_structures = sum(layer.num_structures for layer in layers.values())
-    fractions = default_fractions(num_structures) if fractions is None else _check_fractions(fractions)
+    fractions = sweep_fractions(num_structures) if fractions is None else _check_fractions(fractions)
     score_data = score_data if score_data is not None else (train_data if train_data is not None else data)
     finetune_options = dict(finetune_options or {})
     finetune_options.setdefault("progress", False)
@@ -302,5 +309,5 @@ def prune_curve(
     )
 
 
-__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "default_fractions", "prune_curve"]
+__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "prune_curve", "sweep_fractions"]
 

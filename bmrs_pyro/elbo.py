@@ -26,9 +26,10 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
+from ._active_elbo import ACTIVE, active_noise_elbo  # noqa: F401  (re-exported)
 from ._fast_paths import _flipped_bounds
 from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
-from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN
+from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, AutoTruncatedLogNormal
 
 
 class _Unsupported(Exception):
@@ -186,29 +187,6 @@ class _NoiseELBOMessenger(Messenger):
         self.log_likelihood = self.log_likelihood + scale * log_likelihood
 
 
-_ACTIVE: list = []
-
-
-def active_noise_elbo(layer=None) -> "_NoiseELBOMessenger | None":
-    """The one-pass ELBO messenger that may answer a site directly, or None.
-
-    Only when the Pyro stack holds nothing but that messenger and handlers marked as leaving
-    latent sites alone (``_bmrs_latent_neutral``; they may scale observed sites by their
-    ``scale``, as ``fit``'s observation scaling does): then a sample statement, with its plates,
-    scale and mask handlers, would only hand the site to the messenger, so skipping it changes
-    nothing but the time spent. ``layer``: a noise layer the guide must cover.
-    """
-    if not _ACTIVE:
-        return None
-    messenger = _ACTIVE[-1]
-    for handler in _PYRO_STACK:
-        if handler is not messenger and not getattr(handler, "_bmrs_latent_neutral", False):
-            return None
-    if layer is not None and layer.site_name not in messenger.guide._layers:
-        return None
-    return messenger
-
-
 class ScaleLatent(Messenger):
     """Multiply the log densities of latent sample sites by ``weight`` (observed sites untouched).
 
@@ -287,8 +265,6 @@ class MeanFieldNoiseELBO(ELBO):
         self.used_fallback = False
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
-        from .guides import AutoTruncatedLogNormal
-
         if isinstance(guide, AutoTruncatedLogNormal) and not self.used_fallback:
             if guide.prototype_trace is None:
                 guide(*args, **kwargs)
@@ -298,7 +274,7 @@ class MeanFieldNoiseELBO(ELBO):
             # same leaf tensors are read directly, without the pyro.param statements.
             direct = not _PYRO_STACK
             messenger = _NoiseELBOMessenger(guide, direct)
-            _ACTIVE.append(messenger)
+            ACTIVE.append(messenger)
             try:
                 with (contextlib.nullcontext() if direct else guide._pyro_context), messenger:
                     model(*args, **kwargs)
@@ -310,7 +286,7 @@ class MeanFieldNoiseELBO(ELBO):
                     return -messenger.log_likelihood
                 return self.kl_weight * messenger.kl - messenger.log_likelihood
             finally:
-                _ACTIVE.remove(messenger)
+                ACTIVE.remove(messenger)
         self.used_fallback = True
         return self._fallback.differentiable_loss(model, guide, *args, **kwargs)
 

@@ -35,6 +35,9 @@ import torch
 from pyro.nn import PyroModule
 from pyro.poutine.indep_messenger import IndepMessenger
 
+from ._active_elbo import active_noise_elbo
+from .distributions import LogUniform
+
 NOISE_MODES = ("example", "global")
 PREDICT_MODES = ("sample", "mean")
 #: Every mode a noise layer accepts: the prediction modes and ``"off"`` (theta = 1, the
@@ -106,8 +109,6 @@ class MultiplicativeNoise(PyroModule):
 
     def prior(self, batch_size: Optional[int] = None):
         """The LogUniform prior of the site: (S,) structures as the event, per example or global."""
-        from .distributions import LogUniform
-
         low = self.mask.new_tensor(self.low)
         return self.site_distribution(LogUniform(low, self.mask.new_tensor(self.high)), batch_size)
 
@@ -196,8 +197,6 @@ class MultiplicativeNoise(PyroModule):
             theta = self.posterior_mean().to(x.dtype) * self.mask
             return x * self._broadcast(theta, x, dim)
         batch = x.shape[0]
-        from .elbo import active_noise_elbo
-
         elbo = active_noise_elbo(self)
         if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
             kept_all = self.mask.device.type == "cpu" and bool(self.mask.all())  # no sync on a GPU
@@ -290,8 +289,6 @@ class NoisyClassifier(PyroModule):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = self.net(x)
         if y is not None:
-            from .elbo import active_noise_elbo
-
             elbo = active_noise_elbo()
             if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
                 elbo.observe_categorical(logits, y)

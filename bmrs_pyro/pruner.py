@@ -11,127 +11,24 @@ that every method can be swept into an accuracy-vs-compression curve. See
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Mapping, Optional
 
 import torch
+from torch.distributions import kl_divergence
+from torch.utils.data import DataLoader
 
+from .checks import check_data
 from .criteria import CRITERIA, SCOPES, Criterion, get_criterion
+from .structures import _quiet_eval
+from .distributions import LogUniform
+from .evaluation import _evaluate
 from .guides import find_noise_guide
 from .nn import MultiplicativeNoise, noise_modules
+from .reduction_result import ReductionResult
+
 
 # fraction * S is floored; the tolerance keeps 0.3 * 10 (= 2.9999...) at 3.
 _FLOOR_TOL = 1e-9
-
-
-@dataclass
-class ReductionResult:
-    """What :func:`reduce` decided.
-
-    Attributes:
-        method: the criterion's name.
-        options: the criterion's options and ``fraction``, ``scope``, ``respect_mask``, ``min_keep``.
-        scores: per site, the criterion's score of each structure (dF for BMRS, float64).
-        keep: per site, a bool tensor, True for structures that stay.
-        kept_per_layer: per site, ``(kept, total)``.
-        fraction_removed: structures removed over all structures of all layers.
-        label: the score's short name (``"dF"``, ``"SNR"``).
-        rule: the decision in words (``"prune where dF >= -1 nats ..."``, or the ranked fraction).
-    """
-
-    method: str
-    options: dict
-    scores: dict
-    keep: dict
-    kept_per_layer: dict
-    fraction_removed: float
-    label: str = "score"
-    layers: dict = field(default_factory=dict, repr=False)
-    rule: str = ""
-
-    @property
-    def margin(self) -> Optional[float]:
-        """The evidence margin (nats) of a BMRS decision made by its rule; None otherwise."""
-        margin = self.options.get("margin")
-        return None if margin is None or self.options.get("fraction") is not None else float(margin)
-
-    def tie_band(self) -> Optional[dict]:
-        """Structures whose dF lies in the tie band ``[-margin, 0)``: removed by the margin, kept by
-        the strict rule. ``{"band": [-margin, 0], "count": n, "removed": n_removed}``, or None when
-        the decision has no margin (not a BMRS rule)."""
-        margin = self.margin
-        if margin is None:
-            return None
-        count = removed = 0
-        for site, keep in self.keep.items():
-            df = torch.as_tensor(self.scores[site]).double()
-            band = (df >= -margin) & (df < 0)
-            count += int(band.sum())
-            removed += int((band & ~torch.as_tensor(keep).bool()).sum())
-        return {"band": [-margin, 0.0], "count": count, "removed": removed}
-
-    def apply(self) -> "ReductionResult":
-        """Set each noise layer's ``mask`` to ``keep`` (1 keep, 0 pruned); returns ``self``."""
-        for site, keep in self.keep.items():
-            layer = self.layers[site]
-            with torch.no_grad():
-                layer.mask.copy_(keep.to(layer.mask.dtype).to(layer.mask.device))
-        return self
-
-    def to_dict(self) -> dict:
-        """A JSON-friendly summary: method, options, per-layer keep masks and scores."""
-        return {
-            "method": self.method,
-            "rule": self.rule,
-            "options": {k: _jsonable(v) for k, v in self.options.items()},
-            "fraction_removed": float(self.fraction_removed),
-            "layers": {
-                site: {
-                    "kept": int(self.kept_per_layer[site][0]),
-                    "total": int(self.kept_per_layer[site][1]),
-                    "keep": [bool(v) for v in self.keep[site].tolist()],
-                    "scores": [float(v) for v in self.scores[site].tolist()],
-                }
-                for site in self.keep
-            },
-        }
-
-    def __str__(self) -> str:
-        width = max([len("site")] + [len(s) for s in self.keep])
-        head = (
-            f"{'site':<{width}}  {'kept/total':>11}  {'removed %':>9}  "
-            f"{'min ' + self.label:>12}  {'max ' + self.label:>12}"
-        )
-        lines = [f"reduce(method={self.method!r}): removed {self.fraction_removed * 100:.1f} % of structures"]
-        if self.rule:
-            lines.append(f"rule: {self.rule}")
-        band = self.tie_band()
-        if band is not None and band["count"]:
-            lines.append(f"tie band [-{self.margin:g}, 0): {band['count']} structures ({band['removed']} removed)")
-        lines += [head, "-" * len(head)]
-        for site, (kept, total) in self.kept_per_layer.items():
-            s = self.scores[site]
-            removed = 100.0 * (total - kept) / total
-            lines.append(
-                f"{site:<{width}}  {f'{kept}/{total}':>11}  {removed:>9.1f}  "
-                f"{float(s.min()):>12.4g}  {float(s.max()):>12.4g}"
-            )
-        kept = sum(k for k, _ in self.kept_per_layer.values())
-        total = sum(t for _, t in self.kept_per_layer.values())
-        lines.append(f"{'total':<{width}}  {f'{kept}/{total}':>11}  {100.0 * (total - kept) / total:>9.1f}")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return repr(v)
 
 
 def _noise_guide(guide):
@@ -256,8 +153,6 @@ def reduce(
     if criterion.needs_data and data is None:
         raise ValueError(f"{criterion.name!r} needs data: pass data=(X, y) (training data)")
     if data is not None:
-        from .checks import check_data
-
         check_data(data, model, name="data")  # one-line errors before any structure is scored
     noise_guide = _noise_guide(guide)
     sites = _sites(model, noise_guide)
@@ -282,7 +177,8 @@ def reduce(
             keep = {site: _top_up(keep[site], alive[site], criterion.importance(scores[site]), min_keep)
                     for site in sites}
     else:
-        keep = _keep_fraction(criterion, scores, alive, fraction, scope, min_keep)
+        importance = {site: criterion.importance(score) for site, score in scores.items()}
+        keep = keep_fraction(importance, fraction, alive=alive, scope=scope, min_keep=min_keep)
 
     kept_per_layer = {site: (int(keep[site].sum()), sites[site].num_structures) for site in sites}
     total = sum(t for _, t in kept_per_layer.values())
@@ -318,27 +214,45 @@ def _top_up(keep: torch.Tensor, alive: torch.Tensor, importance: torch.Tensor, m
     return keep
 
 
-def _keep_fraction(criterion: Criterion, scores: dict, alive: dict, fraction: float, scope: str,
-                   min_keep: int) -> dict:
-    sites = list(scores)
-    if scope == "global":
-        buckets = [sites]
-    else:
-        buckets = [[site] for site in sites]
+def keep_fraction(importance: Mapping[str, torch.Tensor], fraction: float, *,
+                  alive: Optional[Mapping[str, torch.Tensor]] = None, scope: str = "global",
+                  min_keep: int = 1) -> dict[str, torch.Tensor]:
+    """The one ranked removal: keep masks after removing ``floor(fraction * S)`` structures, least
+    important first.
+
+    Args:
+        importance: per site, one score per structure (higher = more important); with
+            ``scope="global"`` they must be comparable across sites.
+        fraction: the share in [0, 1] of each bucket's structures that ends removed, counting
+            those already dead in ``alive`` (default: all alive).
+        scope: ``"global"`` ranks all sites together, ``"layer"`` each site on its own.
+        min_keep: every site keeps at least this many of its alive structures (so the count may
+            fall short at high fractions).
+
+    Ties are broken by position (stable sort: the lower index goes first). Returns
+    ``{site: bool keep mask}``.
+    """
+    fraction = _check_fraction(fraction)
+    if fraction is None:
+        raise ValueError("fraction must be a number in [0, 1], got None")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    sites = list(importance)
+    if alive is None:
+        alive = {s: torch.ones(importance[s].numel(), dtype=torch.bool) for s in sites}
+    buckets = [sites] if scope == "global" else [[site] for site in sites]
     keep = {}
     for bucket in buckets:
-        importance = torch.cat([criterion.importance(scores[s]).to(torch.float64) for s in bucket])
-        live = torch.cat([alive[s] for s in bucket])
-        groups = torch.cat([torch.full((scores[s].numel(),), i) for i, s in enumerate(bucket)])
-        n_total = live.numel()
-        target = math.floor(fraction * n_total + _FLOOR_TOL)
+        imp = torch.cat([importance[s].detach().to(torch.float64).flatten() for s in bucket])
+        live = torch.cat([alive[s].bool().flatten() for s in bucket])
+        groups = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(bucket)])
+        target = math.floor(fraction * live.numel() + _FLOOR_TOL)
         already = int((~live).sum())
         room = {i: max(int(alive[s].sum()) - min_keep, 0) for i, s in enumerate(bucket)}
-        removed = _rank_remove(importance, live, target - already, groups, room)
-        kept = live & ~removed
+        kept = live & ~_rank_remove(imp, live, target - already, groups, room)
         start = 0
         for s in bucket:
-            n = scores[s].numel()
+            n = importance[s].numel()
             keep[s] = kept[start : start + n]
             start += n
     return keep
@@ -347,8 +261,6 @@ def _keep_fraction(criterion: Criterion, scores: dict, alive: dict, fraction: fl
 def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Sum over (x, y) of log p(y | x) in deterministic mode (E_q[theta] * mask); leaves the random
     state, the modules' train/eval modes and BatchNorm statistics as they were."""
-    from .criteria import _quiet_eval
-    from .infer import _evaluate  # late import: training builds on this module
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with _quiet_eval(model):
@@ -358,7 +270,6 @@ def _train_log_likelihood(model, guide, x: torch.Tensor, y: torch.Tensor, batch_
 
 def _some_examples(data, limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Up to ``limit`` examples of ``(X, y)`` or a DataLoader, and the size of the whole set."""
-    from torch.utils.data import DataLoader
 
     if isinstance(data, DataLoader):
         xs, ys, count = [], [], 0
@@ -409,10 +320,6 @@ def check_jointly(
         ``result`` itself when the whole set keeps the margin, else a new result with fewer
         structures removed; either way ``result.options["joint_check"]`` records the check.
     """
-    from torch.distributions import kl_divergence
-
-    from .distributions import LogUniform
-
     margin = result.margin
     if margin is None:
         return result
@@ -505,4 +412,4 @@ def prune_event(result: ReductionResult, epoch: int, **extra) -> dict:
     return event
 
 
-__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "guarded_reduce", "prune_event", "reduce"]
+__all__ = ["CRITERIA", "ReductionResult", "check_jointly", "guarded_reduce", "keep_fraction", "prune_event", "reduce"]

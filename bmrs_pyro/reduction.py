@@ -36,6 +36,8 @@ from typing import Union
 import torch
 from torch.distributions import Distribution, TransformedDistribution
 
+from ._special import scaled_log_diff_ndtr
+
 __all__ = [
     "bits_to_log_bound",
     "delta_f_log_normal",
@@ -75,15 +77,6 @@ def bits_to_log_bound(k: TensorLike) -> TensorLike:
 # worker that owns it, and a chunk's few dozen temporaries (256 KiB each) stay in cache.
 _CHUNK = 1 << 15
 _CHUNK_ACCEL = 1 << 24
-# Beyond this x, erfc(x) nears the subnormal range (erfc(26.5) ~ 2e-307): switch to erfcx.
-_ERFC_SAFE = 25.0
-_FAR = _ERFC_SAFE / _SQRT_HALF
-_ERFC_CAP = 26.0
-# Floor for 2 x mass before its log: far below any mass the erfc branch is used for (>= 1e-273),
-# far above the subnormals that send log down its slow path.
-_TINY = 1e-300
-
-
 def _f64(x: TensorLike, like: torch.Tensor | None = None) -> torch.Tensor:
     device = like.device if like is not None else None
     return torch.as_tensor(x, dtype=_F64, device=device)
@@ -91,60 +84,6 @@ def _f64(x: TensorLike, like: torch.Tensor | None = None) -> torch.Tensor:
 
 def _all(cond: torch.Tensor) -> bool:
     return bool(cond.all())
-
-
-def _scaled_log_diff_ndtr(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``R = log(Phi(hi) - Phi(lo)) + e^2 / 2`` with ``e = max(lo, -hi, 0)``, for ``lo < hi``.
-
-    ``e`` is the distance of ``[lo, hi]`` from zero; removing ``-e^2/2`` leaves a remainder of order
-    ``log e`` that stays exact however far in the tail the interval lies, so callers can cancel the
-    quadratic parts of several normalisers exactly (see the module docstring). Inputs are 1-D or
-    0-d and broadcast.
-
-    Written for speed on millions of entries: only the vectorised ``erfc`` and ``log`` run on every
-    entry (the scalar ``erfcx`` only on those deep in a tail), there are no data-dependent branches
-    (``torch.where`` is slow on unpredictable masks), and no transcendental sees a zero, negative or
-    underflowing argument (their slow paths).
-    """
-    s_lo = torch.sign(lo)
-    s_hi = torch.sign(hi)
-    # erfc(|x|/sqrt 2) = 2 Phi(-|x|), capped at 26 where erfc nears the subnormal range: that
-    # changes only values < 1e-295, negligible beside the terms they meet (far tails: see below).
-    e_lo = torch.erfc(lo.abs().mul_(_SQRT_HALF).clamp_(max=_ERFC_CAP))
-    e_hi = torch.erfc(hi.abs().mul_(_SQRT_HALF).clamp_(max=_ERFC_CAP))
-    # 2 (Phi(hi) - Phi(lo)) = erf(hi/sqrt2) - erf(lo/sqrt2) with erf(x/sqrt2) = sign(x)(1 - e_x):
-    # (s_hi - s_lo) + (s_lo e_lo - s_hi e_hi). On one side of zero the first bracket is exactly 0
-    # and the second a difference of two tails, exact relative to itself; straddling zero it is
-    # 2 - e_lo - e_hi with both tails <= 1, so nothing cancels.
-    twice_mass = (s_hi - s_lo).add_(s_lo * e_lo).sub_(s_hi * e_hi)
-    e = lo.clamp(min=0.0).sub_(hi.clamp(max=0.0))  # distance from zero (at most one term is not 0)
-    out = torch.log(twice_mass.clamp_(min=_TINY).mul_(0.5))
-    out += (e * e).mul_(0.5)
-    far = e > _FAR
-    if out.dim() == 0:
-        if bool(far):
-            out = _far_tail(torch.maximum(lo.abs(), hi.abs()) * _SQRT_HALF, e * _SQRT_HALF, hi - lo)
-    elif bool(far.any()):
-        idx = far.nonzero().squeeze(1)
-        lo, hi = lo[idx], hi[idx]
-        x_far = torch.maximum(lo.abs(), hi.abs()).mul_(_SQRT_HALF)
-        out[idx] = _far_tail(x_far, e[idx].mul_(_SQRT_HALF), hi - lo)
-    return out
-
-
-def _far_tail(xa: torch.Tensor, xb: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """The same-side remainder through erfcx, for ends at ``|x| = sqrt 2 xa`` (far) and
-    ``sqrt 2 xb`` (near) with ``xa >= xb > 25``, and ``width = hi - lo``.
-
-    With the near end mirrored to ``b = -sqrt 2 xb <= 0``: ``Phi(b) e^{b^2/2} = erfcx(xb) / 2`` and
-    ``Phi(a)/Phi(b) = erfcx(xa)/erfcx(xb) e^{-(xa-xb)(xa+xb)}``, with ``xa - xb = width / sqrt 2``
-    taken from the width so that narrow intervals keep their digits.
-    """
-    cb = torch.special.erfcx(xb)
-    log_ratio = torch.log(torch.special.erfcx(xa) / cb) - (width * _SQRT_HALF) * (xa + xb)
-    # Below -50 the correction log(1 - e^x) is < 1e-21; clamping skips expm1's underflow path.
-    log_ratio.clamp_(min=-50.0)
-    return torch.log(cb * 0.5) + torch.log(-torch.expm1(log_ratio))
 
 
 def _flat_args(*args: torch.Tensor) -> tuple[torch.Size, list[torch.Tensor]]:
@@ -216,7 +155,7 @@ def _check_posterior(loc: torch.Tensor, scale: torch.Tensor, fn: str) -> None:
 
 def _bmrs_n_const(a, b, rl, rs) -> torch.Tensor:
     """The part of dF_N that does not depend on the posterior: log(b-a) - 0.5 log(2 pi) - log Zp~."""
-    return torch.log(b - a) - _HALF_LOG_2PI - _scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
+    return torch.log(b - a) - _HALF_LOG_2PI - scaled_log_diff_ndtr((a - rl) / rs, (b - rl) / rs)
 
 
 def _bmrs_n_core(mu, sigma, a, b, rl, rs, const) -> torch.Tensor:
@@ -254,8 +193,8 @@ def _bmrs_n_core(mu, sigma, a, b, rl, rs, const) -> torch.Tensor:
     quad = (u - g).div_(sigma).mul_((u + g).div_(sigma)).mul_(0.5)
     quad += (v - k).div_(rs).mul_((v + k).div_(rs)).mul_(0.5)
 
-    r_z = _scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
-    r_zt = _scaled_log_diff_ndtr(a_m.div_(s), b_m.div_(s))
+    r_z = scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
+    r_zt = scaled_log_diff_ndtr(a_m.div_(s), b_m.div_(s))
     return quad.add_(r_zt).sub_(r_z).sub_(torch.log(h)).add_(const)
 
 
@@ -318,8 +257,8 @@ def _bmrs_u_core(mu, sigma, a, b, a2, b2, const) -> torch.Tensor:
     u = a_mu.clamp(min=0.0).add_(b_mu.clamp(max=0.0))
     u2 = a2_mu.clamp(min=0.0).add_(b2_mu.clamp(max=0.0))
     quad = (u - u2).div_(sigma).mul_((u + u2).div_(sigma)).mul_(0.5)
-    r_red = _scaled_log_diff_ndtr(a2_mu.div_(sigma), b2_mu.div_(sigma))
-    r_z = _scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
+    r_red = scaled_log_diff_ndtr(a2_mu.div_(sigma), b2_mu.div_(sigma))
+    r_z = scaled_log_diff_ndtr(a_mu.div_(sigma), b_mu.div_(sigma))
     return quad.add_(r_red).sub_(r_z).add_(const)
 
 

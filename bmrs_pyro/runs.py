@@ -1,18 +1,20 @@
 """One pruning run from start to finish, as plain functions the command line (and scripts) call.
 
-The pieces, in the order ``bmrs run`` uses them:
+The pieces, in the order ``bmrs run`` uses them (settings and the run folder's checks live in
+:mod:`bmrs_pyro.run_config`, the reported numbers and the summary table in
+:mod:`bmrs_pyro.run_summary`, atomic writes in :mod:`bmrs_pyro.atomic_io`):
 
-- :class:`RunConfig` -- every option of a run, validated (:meth:`RunConfig.validate`);
-- :func:`prepare_run_dir` -- create and test the run folder *before* any training;
+- :class:`~bmrs_pyro.run_config.RunConfig` -- every option of a run, validated;
+- :func:`~bmrs_pyro.run_config.prepare_run_dir` -- create and test the run folder *before* any training;
 - :func:`build_experiment` -- data, model, guide (already run once) and optimizer from a config;
 - :func:`train` -- SVI with continuous pruning, a checkpoint after every epoch;
 - :func:`final_reduction` and :func:`finetune` -- the last pruning step, then training with the
   masks frozen;
-- :func:`evaluate_model`, :func:`compaction_summary`, :func:`measure_latency`;
+- :func:`evaluate_model`, :func:`~bmrs_pyro.run_summary.compaction_summary` (with latency);
 - :func:`write_run` -- ``config.json``, ``metrics.json``, ``compacted.pt``, ``inference_data.nc``;
 - :func:`execute` -- all of the above, resumable from a run folder's checkpoint.
 
-Every file is written atomically (:func:`atomic_write_bytes`): a temporary file in the same
+Every file is written atomically (:mod:`bmrs_pyro.atomic_io`): a temporary file in the same
 folder, then :func:`os.replace`, so an interrupted run never leaves a half-written file.
 """
 
@@ -20,35 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
-import io
-import json
-import math
-import os
-import statistics
+import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pyro
 import torch
 
-from .infer import DEFAULT_PRUNE_WARMUP, History, _adam, evaluate, fit, warm_start_epochs_for
+
+from .distributed import decide_on_rank0
+from .atomic_io import atomic_torch_save, atomic_write_json, atomic_write_with
+from .infer import History, _adam, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
+from .run_config import CHECKPOINT_FILE, COMPACTED_FILE, COMPACTED_STATE_FILE, CONFIG_FILE, FINAL_FILE, IDATA_FILE, METRICS_FILE, Experiment, RunConfig, _preflight_new, _refuse_existing_config, check_device, config_record, ensure_writable, trainable_parameters
+from .run_summary import compaction_summary, decision_summary, reduction_to_dict, structure_summary
+from . import checkpoint  # module attribute lookups: tests replace checkpoint.save_checkpoint
+from .checks import check_data
+from . import data as datasets  # module attribute lookup: tests replace data.load
+from .guides import AutoTruncatedLogNormal
+from .pruner import guarded_reduce, prune_event
+from .runlock import RunLock, create_unique_dir
+from bmrs_pyro.analysis import to_inference_data
+from bmrs_pyro.models import build
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.pt"
-COMPACTED_FILE = "compacted.pt"
-COMPACTED_STATE_FILE = "compacted_state.pt"
-IDATA_FILE = "inference_data.nc"
-
-#: Default number of epochs between continuous-pruning steps for threshold-free methods.
-DEFAULT_PRUNE_EVERY = 5
 
 Log = Callable[[str], None]
 
@@ -57,433 +56,13 @@ def _quiet(_: str) -> None:
     pass
 
 
-# ------------------------------------------------------------------------------ atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file beside it, fsync, then os.replace.
-
-    On any error the temporary file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; give it the permissions an ordinary open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.filename is None and err.errno:
-            # e.g. a full disk while writing: say which file (OSError picks the errno's subclass).
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings so the file stays standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Serialise ``obj`` as indented JSON in memory first, then write it atomically.
-
-    Serialising before touching the disk means a value that cannot be encoded raises before
-    any file exists; the atomic write covers a crash while writing.
-    """
-    buffer = io.StringIO()
-    json.dump(_finite(obj), buffer, indent=2, default=_json_default, allow_nan=False)
-    buffer.write("\n")
-    return atomic_write_text(path, buffer.getvalue())
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` made atomic (serialised to memory, then :func:`atomic_write_bytes`)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
 # ------------------------------------------------------------------------------ configuration
-
-
-def parse_hidden(text: str | Sequence[int]) -> tuple[int, ...]:
-    """Hidden widths from ``"100,100"`` (or a sequence of ints); each must be a positive int."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",")]
-        if not text.strip() or any(not p for p in parts):
-            raise ValueError(f"hidden widths must be comma-separated positive integers like 100,100; got {text!r}")
-        try:
-            widths = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"hidden widths must be comma-separated positive integers like 100,100; got {text!r}") from None
-    else:
-        widths = tuple(text)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) for w in widths):
-            raise ValueError(f"hidden widths must be a non-empty sequence of ints, got {text!r}")
-    if any(w < 1 for w in widths):
-        raise ValueError(f"every hidden width must be >= 1, got {','.join(map(str, widths))}")
-    return widths
-
-
-@dataclass
-class RunConfig:
-    """Every option of a run. ``config.json`` holds :meth:`to_dict` of the resolved config.
-
-    ``prune_every=None``, ``prune_start=None``, ``warm_start_epochs=None``, ``margin=None`` and
-    ``name=None`` are resolved by :meth:`resolved`: a deterministic warm start of
-    :data:`bmrs_pyro.infer.WARM_START_FRACTION` of ``epochs`` (the training recipe, see
-    :func:`bmrs_pyro.infer.fit`; counted inside ``epochs``); continuous pruning every
-    :data:`DEFAULT_PRUNE_EVERY` epochs for a threshold-free method without ``fraction`` (else 0,
-    post-training only; ``none`` never prunes), the first reduction after a pruning warm-up of
-    ``ceil(DEFAULT_PRUNE_WARMUP * SVI epochs)`` past the warm start; the BMRS margin 1 nat (0.919
-    with ``reference_code``); and ``<data>-<model>-<method>-<timestamp>``.
-    """
-
-    data: str = "digits"
-    root: Optional[str] = None
-    model: str = "mlp"
-    hidden: Optional[tuple[int, ...]] = (100, 100)
-    activation: str = "tanh"
-    method: str = "bmrs_n"
-    fraction: Optional[float] = None
-    bits: int = 8
-    reference_code: bool = False
-    margin: Optional[float] = None
-    epochs: int = 100
-    lr: float = 1e-2
-    guide_lr: float = 0.05
-    batch_size: int = 128
-    kl_weight: float = 1.0
-    prune_every: Optional[int] = None
-    prune_start: Optional[int] = None
-    finetune_epochs: int = 10
-    warm_start_epochs: Optional[int] = None
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 1
-    nproc: int = 1  # issue 14: data-parallel ranks (torchrun); a resume needs the same number
-    output: str = "runs"
-    name: Optional[str] = None
-    report: bool = True
-    quiet: bool = False
-    posterior_samples: int = 500
-    latency_repeats: int = 20
-
-    def resolved(self) -> "RunConfig":
-        """A copy with ``prune_every`` and ``name`` filled in and ``hidden`` only for mlp."""
-        cfg = dataclasses.replace(self)
-        if cfg.prune_every is None:
-            continuous = _has_rule(cfg.method) and cfg.fraction is None and cfg.method != "none"
-            cfg.prune_every = DEFAULT_PRUNE_EVERY if continuous else 0
-        if cfg.warm_start_epochs is None and _is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
-            cfg.warm_start_epochs = warm_start_epochs_for(int(cfg.epochs))  # bad epochs: validate() says so
-        if cfg.prune_start is None and cfg.prune_every and isinstance(cfg.epochs, int):
-            warm = cfg.warm_start_epochs if isinstance(cfg.warm_start_epochs, int) else 0
-            cfg.prune_start = warm + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * (cfg.epochs - warm)))
-        if cfg.margin is None and _is_bmrs(cfg.method) and cfg.fraction is None:
-            from .criteria import resolve_margin
-
-            cfg.margin = resolve_margin(None, cfg.reference_code and cfg.method == "bmrs_n")
-        if cfg.model != "mlp":
-            cfg.hidden = None
-        elif cfg.hidden is not None:
-            cfg.hidden = tuple(cfg.hidden)
-        if cfg.name is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            cfg.name = f"{cfg.data}-{cfg.model}-{cfg.method}-{stamp}"
-        return cfg
-
-    def validate(self) -> "RunConfig":
-        """Check every option; raises ValueError with what to change. Returns ``self``."""
-        from bmrs_pyro.models import MODELS
-
-        from .criteria import CRITERIA
-        from .data import DATASETS
-
-        if self.data not in DATASETS:
-            raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.method not in CRITERIA:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(CRITERIA)}")
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("posterior_samples", self.posterior_samples)
-        _positive_int("latency_repeats", self.latency_repeats)
-        _positive_int("threads", self.threads)
-        _positive_int("nproc", self.nproc)
-        _nonneg_int("finetune_epochs", self.finetune_epochs)
-        _nonneg_int("seed", self.seed)
-        _nonneg_int("bits", self.bits)
-        if self.method == "bmrs_u":
-            check_bits(self.bits)
-        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_is_number(self.guide_lr) and self.guide_lr > 0 and math.isfinite(self.guide_lr)):
-            raise ValueError(f"guide_lr must be a positive number, got {self.guide_lr!r}")
-        if not (_is_number(self.kl_weight) and self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
-            raise ValueError(f"kl_weight must be a finite number >= 0 (1 is the true ELBO), got {self.kl_weight!r}")
-        if self.fraction is not None and not (_is_number(self.fraction) and 0 <= self.fraction <= 1):
-            raise ValueError(f"fraction must be in [0, 1] (the share of structures to remove), got {self.fraction!r}")
-        if self.prune_every is not None:
-            _nonneg_int("prune_every", self.prune_every)
-        if self.prune_start is not None:
-            _positive_int("prune_start", self.prune_start)
-        if self.margin is not None or self.reference_code:
-            from .criteria import resolve_margin
-
-            if self.margin is not None and not _is_bmrs(self.method):
-                raise ValueError(f"--margin applies to bmrs_n and bmrs_u only, not to {self.method!r}")
-            if self.reference_code and self.method != "bmrs_n":
-                raise ValueError(f"--reference-code applies to bmrs_n only, not to {self.method!r}")
-            resolve_margin(self.margin, self.reference_code)
-        if self.method == "none" and (self.fraction is not None or self.prune_every):
-            raise ValueError("--method none removes nothing: drop --fraction and --prune-every")
-        if self.warm_start_epochs is not None:
-            _nonneg_int("warm_start_epochs", self.warm_start_epochs)
-            if self.warm_start_epochs > self.epochs:
-                raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) is counted inside epochs "
-                                 f"({self.epochs}) and cannot exceed it")
-        if not _has_rule(self.method) and self.fraction is None:
-            raise ValueError(
-                f"method {self.method!r} ranks structures but has no threshold: pass --fraction <share to remove>, "
-                "or use a threshold-free method (bmrs_n, bmrs_u, snr)"
-            )
-        if self.prune_every and self.fraction is not None:
-            raise ValueError(
-                "continuous pruning needs a threshold-free method without --fraction; with --fraction use "
-                "--prune-every 0 (prune once after training)"
-            )
-        if self.model == "mlp":
-            if self.hidden is None:
-                raise ValueError("mlp needs hidden widths, e.g. --hidden 100,100")
-            parse_hidden(self.hidden)
-        check_device(self.device)
-        if not isinstance(self.output, str) or not self.output:
-            raise ValueError("output must name a folder")
-        if self.name is not None:
-            if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
-                raise ValueError(f"name must be a plain folder name (no '/'), got {self.name!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict of every option."""
-        out = dataclasses.asdict(self)
-        if out["hidden"] is not None:
-            out["hidden"] = list(out["hidden"])
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
-        values = dict(data)
-        if values.get("hidden") is not None:
-            values["hidden"] = tuple(values["hidden"])
-        return cls(**values)
-
-    @property
-    def method_options(self) -> dict:
-        """Keyword options of the pruning criterion: ``bits`` for bmrs_u, ``reference_code`` for
-        bmrs_n, the evidence ``margin`` for both (unless ranking by ``fraction``)."""
-        options: dict = {}
-        if self.method == "bmrs_u":
-            options["bits"] = self.bits
-        if self.method == "bmrs_n" and self.reference_code:
-            options["reference_code"] = True
-        elif _is_bmrs(self.method) and self.margin is not None and self.fraction is None:
-            options["margin"] = self.margin
-        return options
-
-
-#: Largest ``bits`` of BMRS_U: the reduced prior's upper bound 2^-bits must stay above the prior's
-#: lower bound e^-20 of log theta (20 / ln 2 = 28.9).
-MAX_BITS = 28
-
-
-def check_bits(bits: Any) -> None:
-    """``bits`` of BMRS_U must be an integer in 1 .. :data:`MAX_BITS` (ValueError otherwise)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be >= 1 and <= {MAX_BITS} (BMRS_U's reduced prior ends at 2^-bits, inside "
-                         f"the prior's range [e^-20, 1]), got {bits!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _nonneg_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _is_bmrs(method: str) -> bool:
-    return method in ("bmrs_n", "bmrs_u")
-
-
-def _has_rule(method: str) -> bool:
-    from .criteria import CRITERIA
-
-    criterion = CRITERIA.get(method)
-    return criterion is not None and criterion.has_rule
-
-
-def check_device(device: str) -> torch.device:
-    """``torch.device`` for ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; an unavailable GPU is a ValueError."""
-    if not isinstance(device, str) or not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                "--device cuda was requested but no CUDA GPU is available to torch "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{device} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
 
 
 # ------------------------------------------------------------------------------ run folder
 
 
-def prepare_run_dir(output: str | os.PathLike, name: str, *, resume: bool = False) -> Path:
-    """Create ``output/name`` and prove it is writable, before any training starts.
-
-    Raises:
-        ValueError: ``output`` (or a parent) is a file, the folder cannot be created or written,
-        or the run folder already holds a run and ``resume`` is False.
-    """
-    out = Path(output)
-    run_dir = out / name
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot write runs under {out}: {parent} is a file, not a folder; pick another --output")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is a file, not a run folder; pick another --name")
-    if not resume and run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run; pick another --name, or continue it with --resume {run_dir}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"cannot write the run folder {run_dir}: {err.strerror or err}; pick another --output") from None
-    return run_dir
-
-
-def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """The :class:`RunConfig` saved in ``run_dir/config.json``.
-
-    Raises:
-        FileNotFoundError: no such folder or no config.json in it.
-        ValueError: the file is not a valid run config.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist; pass a folder written by `bmrs run`")
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}; pass a folder written by `bmrs run`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    data = {k: v for k, v in data.items() if k not in _CONFIG_EXTRAS}
-    return RunConfig.from_dict(data)
-
-
-#: Keys written to config.json besides the options (provenance), ignored when reading it back.
-_CONFIG_EXTRAS = ("bmrs_pyro_version", "torch_version", "pyro_version", "command")
-
-
 # ------------------------------------------------------------------------------ experiment
-
-
-@dataclass
-class Experiment:
-    """What a run trains: data splits, the model, its guide and the optimizer over both."""
-
-    config: RunConfig
-    data: Any
-    model: torch.nn.Module
-    guide: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    history: History = field(default_factory=History)
-    #: Random states to continue from (set when resuming from a checkpoint; see bmrs_pyro.rng).
-    rng_state: Optional[dict] = None
-    #: Wall time (s) that earlier invocations of a resumed run spent, read from its checkpoint.
-    elapsed_before: float = 0.0
-    #: ``time.perf_counter()`` when this invocation started, for the cumulative run time.
-    started: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        """Wall time of the whole run so far, earlier invocations of a resumed run included."""
-        return self.elapsed_before + time.perf_counter() - self.started
-
-
-def trainable_parameters(model: torch.nn.Module, guide: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters of model then guide (deduplicated, in a fixed order), for the optimizer.
-
-    The order is what makes a saved optimizer state loadable into a rebuilt experiment.
-    """
-    seen, params = set(), []
-    for module in (model, guide):
-        for p in module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
 
 
 def build_experiment(config: RunConfig) -> Experiment:
@@ -491,15 +70,11 @@ def build_experiment(config: RunConfig) -> Experiment:
 
     Seeds Pyro and torch with ``config.seed`` first, so the initial weights are reproducible.
     """
-    from bmrs_pyro.models import build
-
-    from .data import load
-    from .guides import AutoTruncatedLogNormal
 
     device = check_device(config.device)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    splits = load(config.data, root=config.root, seed=config.seed)
+    splits = datasets.load(config.data, root=config.root, seed=config.seed)
     kwargs: dict[str, Any] = {}
     if config.model == "mlp":
         kwargs = {"hidden": tuple(config.hidden or ()), "activation": config.activation}
@@ -522,11 +97,10 @@ def build_experiment(config: RunConfig) -> Experiment:
 
 
 def _checkpoint_callback(exp: Experiment, path: Optional[Path]) -> Callable:
-    from .checkpoint import save_checkpoint
 
     def callback(epoch: int, history: History, model, guide) -> bool:
         if path is not None:
-            save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
+            checkpoint.save_checkpoint(path, model, guide, optimizer=exp.optimizer, history=history,
                             config=exp.config.to_dict(), epoch=epoch + 1,
                             extra={"stage": "train", "elapsed": exp.elapsed()},
                             rng_state=getattr(history, "rng_state", None))
@@ -572,7 +146,6 @@ def final_reduction(exp: Experiment):
     to its margin jointly on the training data (:func:`bmrs_pyro.pruner.check_jointly`), so the
     run always ends with a working network.
     """
-    from .pruner import guarded_reduce, prune_event
 
     cfg = exp.config
 
@@ -582,15 +155,15 @@ def final_reduction(exp: Experiment):
         exp.history.events.append(prune_event(result, cfg.epochs - 1, final=True))
         return result.apply()
 
-    from .distributed import decide_on_rank0  # issue 14 hook: rank 0 decides, every rank gets its masks
-
+    # Under data parallelism rank 0 decides and every rank gets its masks.
     return decide_on_rank0(exp.model, decide, share=False)
 
 
 def finetune(exp: Experiment, *, progress: bool = True) -> History:
     """Train ``config.finetune_epochs`` more epochs with the masks frozen (no pruning).
 
-    Pruned structures keep their variational parameters (``fit`` holds them: :func:`bmrs_pyro.optim.freeze_pruned`); the ELBO of
+    Pruned structures keep their variational parameters (``fit`` holds them:
+    :func:`bmrs_pyro.optim.freeze_pruned`); the ELBO of
     these epochs is appended to the history after the training epochs.
     """
     cfg = exp.config
@@ -629,138 +202,15 @@ def evaluate_model(exp: Experiment, split: str = "test", *, unpruned: bool = Fal
         return evaluate(exp.model, exp.guide, data, mode="mean", device=str(exp.device))
 
 
-@torch.no_grad()
-def measure_latency(module: torch.nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3,
-                    threads: Optional[int] = 1) -> float:
-    """Median wall time of ``module(x)`` in milliseconds over ``repeats`` runs after ``warmup``.
-
-    On CPU it runs with ``threads`` intra-op threads (default 1, restored afterwards): on a busy
-    machine several threads wait on each other and a 0.04 ms forward pass can take 90 ms, which
-    would measure the machine rather than the network. ``threads=None`` keeps torch's setting.
-    """
-    _positive_int("repeats", repeats)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    before = torch.get_num_threads()
-    if threads is not None and not x.is_cuda:
-        torch.set_num_threads(threads)
-    try:
-        for _ in range(warmup):
-            module(x)
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            module(x)
-            sync()
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    return 1000.0 * statistics.median(times)
-
-
-def _removed_pct(before: Optional[float], after: Optional[float]) -> Optional[float]:
-    if before in (None, 0) or after is None:
-        return None
-    return 100.0 * (before - after) / before
-
-
-def compaction_summary(exp: Experiment, *, latency_batch: int = 256) -> tuple[torch.nn.Module, dict]:
-    """Compact the masked model; returns ``(compacted module, metrics part)``.
-
-    Parameters count the backbone before and after; FLOPs are per example (a batch of one);
-    latency is the median time of a forward pass on a batch of up to ``latency_batch`` test
-    examples, masked dense network (no Pyro, full width) against the compacted one.
-    """
-    from .compaction import compact, masked_dense
-
-    x_test = exp.data.test[0]
-    one = x_test[:1].to(exp.device)
-    compacted = compact(exp.model, exp.guide, example_input=one)
-    stats = compacted.stats
-    dense = masked_dense(exp.model, exp.guide)
-    batch = x_test[:latency_batch].to(exp.device)
-    repeats = exp.config.latency_repeats
-    latency = {"before": measure_latency(dense, batch, repeats), "after": measure_latency(compacted, batch, repeats),
-               "batch": int(batch.shape[0]), "repeats": repeats, "device": str(exp.device),
-               "threads": 1 if exp.device.type == "cpu" else None}
-    part = {
-        "parameters": {"before": stats["params_before"], "after": stats["params_after"],
-                       "removed_pct": _removed_pct(stats["params_before"], stats["params_after"])},
-        "flops": {"before": stats["flops_before"], "after": stats["flops_after"],
-                  "removed_pct": _removed_pct(stats["flops_before"], stats["flops_after"]), "per": "example"},
-        "latency_ms": latency,
-        "compaction": {"method": stats["method"], "max_abs_diff": stats["max_abs_diff"], "notes": stats["notes"]},
-    }
-    return compacted, part
-
-
-def structure_summary(reduction) -> dict:
-    """``structures`` and ``layers`` parts of the metrics from a reduction result."""
-    layers = [{"site": site, "kept": int(k), "total": int(t)} for site, (k, t) in reduction.kept_per_layer.items()]
-    total = sum(r["total"] for r in layers)
-    kept = sum(r["kept"] for r in layers)
-    return {"structures": {"total": total, "kept": kept, "removed_pct": 100.0 * (total - kept) / total if total else 0.0},
-            "layers": layers}
-
-
-def decision_summary(reduction) -> dict:
-    """``decision`` part of the metrics: the method, its rule in words and, for the BMRS rules,
-    the evidence margin and the tie band ``[-margin, 0)``: structures the margin removes although
-    the strict rule ``dF >= 0`` would keep them (posteriors close to the prior)."""
-    out: dict[str, Any] = {"method": reduction.method, "rule": getattr(reduction, "rule", "") or ""}
-    band = reduction.tie_band() if hasattr(reduction, "tie_band") else None
-    if band is not None:
-        out["margin"] = float(reduction.margin)
-        out["tie_band"] = band
-    return out
-
-
-def reduction_to_dict(reduction) -> dict:
-    """What a checkpoint keeps of a reduction (method, options, per-site scores and keep masks)."""
-    return {"method": reduction.method, "options": dict(getattr(reduction, "options", {}) or {}),
-            "scores": {s: torch.as_tensor(v).detach().cpu() for s, v in reduction.scores.items()},
-            "keep": {s: torch.as_tensor(v).detach().cpu().bool() for s, v in reduction.keep.items()}}
-
-
-def reduction_from_dict(data: dict):
-    """A :class:`bmrs_pyro.analysis.SavedReduction` from :func:`reduction_to_dict` output."""
-    from bmrs_pyro.analysis import SavedReduction
-
-    return SavedReduction(data["method"], dict(data["scores"]), dict(data["keep"]), dict(data.get("options") or {}))
-
-
 def write_run(run_dir: Path, exp: Experiment, reduction, metrics: dict, compacted: torch.nn.Module) -> None:
     """Write ``metrics.json``, ``compacted.pt`` (+ state dict) and ``inference_data.nc`` atomically."""
-    from bmrs_pyro.analysis import to_inference_data
 
     atomic_torch_save(compacted, run_dir / COMPACTED_FILE)
     atomic_torch_save(compacted.state_dict(), run_dir / COMPACTED_STATE_FILE)
     idata = to_inference_data(exp.model, exp.guide, num_samples=exp.config.posterior_samples,
                               reduction={exp.config.method: reduction}, history=exp.history, seed=exp.config.seed)
-    # netCDF goes through a temporary file of its own (the writer needs a path), then os.replace.
-    fd, tmp = tempfile.mkstemp(prefix=f".{IDATA_FILE}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        idata.to_netcdf(tmp)
-        os.replace(tmp, run_dir / IDATA_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(run_dir / IDATA_FILE, idata.to_netcdf)
     atomic_write_json(run_dir / METRICS_FILE, metrics)
-
-
-def config_record(config: RunConfig, argv: Optional[Sequence[str]] = None) -> dict:
-    """``config.json`` content: every option plus versions and the command line."""
-    import bmrs_pyro
-
-    record = config.to_dict()
-    record.update({"bmrs_pyro_version": bmrs_pyro.__version__, "torch_version": torch.__version__,
-                   "pyro_version": pyro.__version__})
-    if argv is not None:
-        record["command"] = ["bmrs", *argv]
-    return record
 
 
 # ------------------------------------------------------------------------------ the whole run
@@ -827,64 +277,11 @@ class OpenedRun:
 
 def check_experiment_data(exp: "Experiment") -> None:
     """Check every split of ``exp.data`` against the model (:func:`bmrs_pyro.checks.check_data`)."""
-    from .checks import check_data
 
     for split in ("train", "val", "test"):
         data = getattr(exp.data, split, None)
         if data is not None:
             check_data(data, exp.model, name=f"{exp.config.data} {split} split", device=exp.device)
-
-
-def _nearest_existing(path: Path) -> Path:
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate
-    return Path(".")
-
-
-def ensure_writable(folder: Path, run_dir: Optional[Path] = None) -> None:
-    """Prove ``folder`` accepts new files (a temporary file, removed at once).
-
-    Raises PermissionError naming the folder (and the run folder it is for), or ValueError for
-    another OS error (a read-only file system, a full disk).
-    """
-    target = run_dir if run_dir is not None else folder
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except PermissionError:
-        where = "" if folder == target else f" (writing in {folder})"
-        raise PermissionError(f"cannot write the run folder {target}: Permission denied{where}; make it writable "
-                              "or pick another --output") from None
-    except OSError as err:
-        raise ValueError(f"cannot write the run folder {target}: {err.strerror or err}; pick another --output") from None
-
-
-def _preflight_new(config: RunConfig, default_name: bool) -> Path:
-    """Checks of a new run's folder that create nothing (before the data are loaded)."""
-    out = Path(config.output)
-    run_dir = out / str(config.name)
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot write runs under {out}: {parent} is a file, not a folder; pick another --output")
-    if not default_name:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"{run_dir} is a file, not a run folder; pick another --name")
-        _refuse_existing(run_dir)
-    ensure_writable(_nearest_existing(run_dir), run_dir)
-    return run_dir
-
-
-def _refuse_existing(run_dir: Path) -> None:
-    from .runlock import RunLockedError, lock_holder
-
-    holder = lock_holder(run_dir) if run_dir.is_dir() else None
-    if holder is not None:
-        raise RunLockedError(f"{run_dir} is in use by another bmrs {holder.get('purpose', 'run')} "
-                             f"(PID {holder.get('pid', '?')}); pick another --name")
-    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run; pick another --name, or continue it with --resume {run_dir}")
 
 
 def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool = False, default_name: bool = False,
@@ -901,10 +298,6 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
         RunLockedError: another process holds the folder (its PID in the message).
         ValueError / FileNotFoundError / PermissionError: what to fix, in one line.
     """
-    import shutil
-
-    from .checkpoint import load_checkpoint
-    from .runlock import RunLock, create_unique_dir
 
     t_start = time.perf_counter()
     if resume:
@@ -927,7 +320,7 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
             log(f"loading {config.data} and building {config.model}")
             exp = build_experiment(config)
             check_experiment_data(exp)
-            state = load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
+            state = checkpoint.load_checkpoint(ckpt, exp.model, exp.guide, optimizer=exp.optimizer)
             exp.history = state["history"]
             exp.rng_state = state.get("rng_state")
             start = int(state["epoch"] or 0)
@@ -988,14 +381,8 @@ def open_run(config: RunConfig, *, run_dir: Optional[Path] = None, resume: bool 
     return OpenedRun(config, run_dir, lock, exp, 0, t_start)
 
 
-def _refuse_existing_config(run_dir: Path) -> None:
-    if (run_dir / CONFIG_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run; pick another --name, or continue it with --resume {run_dir}")
-
-
 def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progress: bool,
              argv: Optional[Sequence[str]], opened: OpenedRun) -> tuple[Path, dict, Any]:
-    from .checkpoint import save_checkpoint
 
     t_start = opened.t_start
     exp, start = opened.exp, opened.start
@@ -1018,7 +405,7 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
     if config.finetune_epochs:
         log(f"fine-tuning {config.finetune_epochs} epochs with the masks frozen")
         finetune(exp, progress=progress)
-    save_checkpoint(run_dir / FINAL_FILE, exp.model, exp.guide, optimizer=exp.optimizer, history=exp.history,
+    checkpoint.save_checkpoint(run_dir / FINAL_FILE, exp.model, exp.guide, optimizer=exp.optimizer, history=exp.history,
                     config=config.to_dict(), epoch=config.epochs + config.finetune_epochs,
                     extra={"stage": "final", "train_epochs": config.epochs, "reduction": reduction_to_dict(reduction)})
     train_seconds = time.perf_counter() - t_train
@@ -1051,55 +438,6 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
 
 
 # ------------------------------------------------------------------------------ summary table
-
-
-def _fmt_int(value: Any) -> str:
-    return f"{int(value):,}" if isinstance(value, (int, float)) and value is not None else "n/a"
-
-
-def _fmt_pct(value: Any) -> str:
-    return f"{value:.1f} %" if isinstance(value, (int, float)) else "n/a"
-
-
-def format_summary(metrics: dict, run_dir: Optional[Path] = None) -> str:
-    """The plain-text summary table ``bmrs run`` prints: before/after metrics and kept widths."""
-    lat = metrics.get("latency_ms", {})
-    rows = [
-        ("accuracy (test)", f"{100 * metrics['accuracy_before']:.2f} %", f"{100 * metrics['accuracy_after']:.2f} %", ""),
-        ("NLL (nats/example)", f"{metrics['nll_before']:.4f}", f"{metrics['nll_after']:.4f}", ""),
-        ("structures", _fmt_int(metrics["structures"]["total"]), _fmt_int(metrics["structures"]["kept"]),
-         _fmt_pct(metrics["structures"]["removed_pct"])),
-        ("parameters", _fmt_int(metrics["parameters"]["before"]), _fmt_int(metrics["parameters"]["after"]),
-         _fmt_pct(metrics["parameters"]["removed_pct"])),
-        ("FLOPs / example", _fmt_int(metrics["flops"]["before"]), _fmt_int(metrics["flops"]["after"]),
-         _fmt_pct(metrics["flops"]["removed_pct"])),
-        (f"latency ms (batch {lat.get('batch', '?')})", f"{lat.get('before', float('nan')):.3f}",
-         f"{lat.get('after', float('nan')):.3f}", ""),
-    ]
-    head = ("", "before", "after", "removed")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-
-    def line(r):
-        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
-
-    title = f"bmrs run: {metrics['data']} / {metrics['model']} / {metrics['method']}"
-    if run_dir is not None:
-        title += f"  ->  {run_dir}"
-    out = [title, line(head), "-" * sum(widths) + "-" * 6]
-    out += [line(r) for r in rows]
-    layer_w = max([len("layer")] + [len(r["site"]) for r in metrics["layers"]])
-    out += ["", f"{'layer':<{layer_w}}  {'kept':>6}  {'total':>6}  {'removed':>8}"]
-    for r in metrics["layers"]:
-        pct = 100.0 * (r["total"] - r["kept"]) / r["total"] if r["total"] else 0.0
-        out.append(f"{r['site']:<{layer_w}}  {r['kept']:>6}  {r['total']:>6}  {pct:>6.1f} %")
-    decision = metrics.get("decision") or {}
-    if decision.get("rule"):
-        out += ["", f"rule: {decision['rule']}"]
-    band = decision.get("tie_band")
-    if band and band.get("count"):
-        out.append(f"tie band: {band['count']} structures have {band['band'][0]:g} <= dF < 0 (posteriors close to "
-                   f"the prior: not worth keeping on the evidence); {band['removed']} of them removed")
-    return "\n".join(out)
 
 
 def stderr_log(prefix: str = "bmrs") -> Log:

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bmrs_pyro.checks import positive_int as check_positive_int
 from bmrs_pyro.nn import MultiplicativeNoise
 
 #: Activations the builders accept by name.
@@ -23,13 +24,6 @@ def make_activation(name: str) -> nn.Module:
     if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name.lower()]()
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` as an int, or a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class NoiseFactory:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from bmrs_pyro.pruner import keep_fraction
 from bmrs_pyro.baselines import METHODS, Budget, MethodResult, PruningMethod, get_method, register_method
 from bmrs_pyro.baselines.aiap import (
     ThresholdSchedule,
@@ -26,7 +27,6 @@ from bmrs_pyro.baselines.common import (
     accuracy,
     get_masks,
     incoming_weight_norm,
-    keep_global_fraction,
     last_within,
     links_of,
     make_deterministic,
@@ -187,7 +187,7 @@ def test_masking_helpers_rank_within_layers_and_globally():
     assert keep["b"].tolist() == [False, True, True]
     assert per_layer_counts({"c": torch.ones(2, dtype=torch.bool)}, 1.0) == {"c": 1}  # one always stays
     # global: the 4 lowest of 7 are b0, b1, a3, a1 -- but min_keep=2 leaves b two structures
-    keep = keep_global_fraction(imp, 4 / 7, min_keep=2)
+    keep = keep_fraction(imp, 4 / 7, scope="global", min_keep=2)
     assert keep["a"].tolist() == [True, False, True, False]
     assert keep["b"].tolist() == [False, True, True]
     assert int(sum((~k).sum() for k in keep.values())) == 3  # one short: the floor per layer binds

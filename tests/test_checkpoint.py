@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from bmrs_pyro import runs
+from bmrs_pyro import atomic_io, runs
 from bmrs_pyro.checkpoint import load_checkpoint, save_checkpoint
 from bmrs_pyro.guides import AutoTruncatedLogNormal
 from bmrs_pyro.infer import History, fit
@@ -149,16 +149,16 @@ def _leftovers(folder):
 
 def test_json_dump_failing_midway_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
-    runs.atomic_write_json(path, {"accuracy_after": 0.5})
+    atomic_io.atomic_write_json(path, {"accuracy_after": 0.5})
     old = path.read_bytes()
 
     def broken_dump(obj, fp, **kwargs):
         fp.write('{"accuracy_after": 0.9')  # half a document, then the crash
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runs.json, "dump", broken_dump)
+    monkeypatch.setattr(atomic_io.json, "dump", broken_dump)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        runs.atomic_write_json(path, {"accuracy_after": 0.9})
+        atomic_io.atomic_write_json(path, {"accuracy_after": 0.9})
     assert path.read_bytes() == old
     assert json.loads(old) == {"accuracy_after": 0.5}
     assert _leftovers(tmp_path) == []
@@ -166,19 +166,19 @@ def test_json_dump_failing_midway_leaves_the_old_file(tmp_path, monkeypatch):
 
 def test_crash_while_writing_bytes_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    runs.atomic_write_bytes(path, b"old content")
+    atomic_io.atomic_write_bytes(path, b"old content")
 
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runs.os, "fsync", failing_fsync)
+    monkeypatch.setattr(atomic_io.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space"):
-        runs.atomic_write_bytes(path, b"new content that never lands")
+        atomic_io.atomic_write_bytes(path, b"new content that never lands")
     assert path.read_bytes() == b"old content"
     assert _leftovers(tmp_path) == []
     # A first write that fails leaves no file at all.
     with pytest.raises(OSError):
-        runs.atomic_write_bytes(tmp_path / "fresh.json", b"{}")
+        atomic_io.atomic_write_bytes(tmp_path / "fresh.json", b"{}")
     assert not (tmp_path / "fresh.json").exists()
 
 
@@ -186,7 +186,7 @@ def test_checkpoint_save_is_atomic(fitted, tmp_path, monkeypatch):
     model, guide, _ = fitted
     path = save_checkpoint(tmp_path / "c.pt", model, guide, epoch=1)
     old = path.read_bytes()
-    monkeypatch.setattr(runs.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(atomic_io.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model, guide, epoch=2)
     assert path.read_bytes() == old
@@ -194,13 +194,13 @@ def test_checkpoint_save_is_atomic(fitted, tmp_path, monkeypatch):
 
 
 def test_atomic_files_get_ordinary_permissions(tmp_path):
-    path = runs.atomic_write_text(tmp_path / "a.txt", "x")
+    path = atomic_io.atomic_write_text(tmp_path / "a.txt", "x")
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_json_is_standard_even_with_nan(tmp_path):
-    path = runs.atomic_write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")],
+    path = atomic_io.atomic_write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")],
                                                          "t": torch.tensor([1, 2])})
     assert json.loads(path.read_text()) == {"a": "nan", "b": [1.0, "inf"], "t": [1, 2]}

@@ -14,7 +14,7 @@ import torch
 from scipy.stats import norm
 
 import bmrs_pyro.checkpoint as checkpoint_module
-from bmrs_pyro import runs
+from bmrs_pyro import atomic_io, run_config, run_summary, runs
 from bmrs_pyro.cli import COMMANDS, main
 from bmrs_pyro.data import load
 from bmrs_pyro.infer import WARM_START_FRACTION
@@ -79,7 +79,7 @@ def test_every_command_is_registered_once():
 def test_default_name_and_resolution():
     cfg = RunConfig().resolved()
     assert re.fullmatch(r"digits-mlp-bmrs_n-\d{8}-\d{6}", cfg.name)
-    assert cfg.prune_every == runs.DEFAULT_PRUNE_EVERY
+    assert cfg.prune_every == run_config.DEFAULT_PRUNE_EVERY
     ranked = RunConfig(method="l2", fraction=0.3, model="lenet5").resolved()
     assert ranked.prune_every == 0 and ranked.hidden is None
 
@@ -146,7 +146,7 @@ def test_run_writes_the_run_folder(tmp_path, capsys, digits_test):
     final = torch.load(run / "final.pt", weights_only=False)
     assert trained["epoch"] == 2 and final["epoch"] == 3
     assert int(final["model_state"]["net.3.mask"].sum()) == kept
-    saved = runs.reduction_from_dict(final["extra"]["reduction"])
+    saved = run_summary.reduction_from_dict(final["extra"]["reduction"])
     assert saved.method == "e_theta" and saved.kept_per_layer == {"net.3.theta": (kept, 16)}
     assert torch.equal(saved.keep["net.3.theta"], final["model_state"]["net.3.mask"].bool())
     acc_b, nll_b = accuracy_and_nll(trained, use_mask=False)
@@ -252,7 +252,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypat
             raise OSError(28, "No space left on device")
         return real_dump(obj, fp, **kwargs)
 
-    monkeypatch.setattr(runs.json, "dump", dump_metrics_fails)
+    monkeypatch.setattr(atomic_io.json, "dump", dump_metrics_fails)
     pyro.clear_param_store()
     assert main(["run", "--resume", str(run), "--quiet", "--no-report"]) == 1
     assert "No space left" in capsys.readouterr().err
@@ -363,7 +363,7 @@ def test_unwritable_output_is_reported_before_training(tmp_path, capsys, monkeyp
             def read_only(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
 
-            monkeypatch.setattr(runs.tempfile, "mkstemp", read_only)
+            monkeypatch.setattr(run_config.tempfile, "mkstemp", read_only)
         except PermissionError:
             pass
         assert main(["run", "--output", str(locked), "--name", "t"]) == 2
@@ -431,19 +431,19 @@ def test_decision_and_tie_band_are_recorded_and_printed(fitted_reduction):
     from bmrs_pyro.analysis import SavedReduction
 
     reduction = fitted_reduction
-    decision = runs.decision_summary(reduction)
+    decision = run_summary.decision_summary(reduction)
     df = torch.cat([reduction.scores[s] for s in reduction.keep])
     keep = torch.cat([reduction.keep[s] for s in reduction.keep])
     band = (df >= -1.0) & (df < 0)
     assert decision["margin"] == 1.0 and decision["rule"] == reduction.rule
     assert decision["tie_band"] == {"band": [-1.0, 0.0], "count": int(band.sum()), "removed": int((band & ~keep).sum())}
-    assert "margin" not in runs.decision_summary(SavedReduction("snr", reduction.scores, reduction.keep))
+    assert "margin" not in run_summary.decision_summary(SavedReduction("snr", reduction.scores, reduction.keep))
     metrics = {"data": "digits", "model": "mlp", "method": "bmrs_n", "accuracy_before": 0.9, "accuracy_after": 0.8,
                "nll_before": 0.3, "nll_after": 0.4, "decision": decision,
                "parameters": {"before": 10, "after": 5, "removed_pct": 50.0},
                "flops": {"before": 20, "after": 10, "removed_pct": 50.0},
-               "latency_ms": {"before": 1.0, "after": 0.5, "batch": 4}, **runs.structure_summary(reduction)}
-    table = runs.format_summary(metrics)
+               "latency_ms": {"before": 1.0, "after": 0.5, "batch": 4}, **run_summary.structure_summary(reduction)}
+    table = run_summary.format_summary(metrics)
     assert "rule: prune where dF >= -1 nat" in table
     assert f"tie band: {int(band.sum())} structures have -1 <= dF < 0" in table
 
@@ -500,7 +500,7 @@ def test_default_run(tmp_path, capsys):
     run = tmp_path / "default"
     metrics = json.loads((run / "metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    assert config["epochs"] == RunConfig().epochs and config["prune_every"] == runs.DEFAULT_PRUNE_EVERY
+    assert config["epochs"] == RunConfig().epochs and config["prune_every"] == run_config.DEFAULT_PRUNE_EVERY
     assert config["kl_weight"] == 1.0 and config["hidden"] == [100, 100] and config["activation"] == "tanh"
     assert metrics["accuracy_after"] >= 0.95
     warm = config["warm_start_epochs"]
@@ -509,7 +509,7 @@ def test_default_run(tmp_path, capsys):
     start = config["prune_start"]
     # the pruning warm-up: a quarter of the SVI epochs after the deterministic warm start
     assert start == warm + math.ceil(0.25 * (RunConfig().epochs - warm))
-    assert continuous == list(range(start - 1, RunConfig().epochs, runs.DEFAULT_PRUNE_EVERY))
+    assert continuous == list(range(start - 1, RunConfig().epochs, run_config.DEFAULT_PRUNE_EVERY))
     assert metrics["pruning_events"][-1]["final"] and metrics["decision"]["margin"] == 1.0
     assert (run / "report.html").is_file()
     assert "accuracy (test)" in capsys.readouterr().out

@@ -414,10 +414,14 @@ def test_bayesian_weights_and_sample_sites_rejected(noisy_mlp):
     net[2].set_posterior_mean(torch.ones(4))
     with pytest.raises(ValueError, match="Bayesian"):
         compact(NoisyClassifier(net))
-    # A model whose forward declares the likelihood is not a backbone x -> output.
+    # A model whose forward declares the likelihood (issue 12: used to be refused) compacts its
+    # network part x -> logits.
     model = noisy_mlp(sizes=(64, 8, 10))
     for layer in noise_modules(model).values():
         layer.set_posterior_mean(torch.ones(layer.num_structures))
-    with pytest.raises(ValueError, match="sample sites"):
-        compact(model, example_input=torch.randn(2, 64))
+    x = torch.randn(5, 64)
+    small = compact(model, example_input=x[:2])
+    with torch.no_grad(), noise_mode(model, "mean"):
+        expected = model(x)
+    assert torch.allclose(small(x), expected, atol=1e-5)
     pyro.clear_param_store()

@@ -10,7 +10,7 @@ from scipy import stats
 from torch import nn
 
 from bmrs_pyro.compaction import compact
-from bmrs_pyro.curves import PruneCurve, count_parameters, default_fractions, prune_curve
+from bmrs_pyro.curves import PruneCurve, count_parameters, sweep_fractions, prune_curve
 from bmrs_pyro.guides import AutoTruncatedLogNormal
 from bmrs_pyro.infer import evaluate, fit
 from bmrs_pyro.models import lenet5, mlp
@@ -118,7 +118,7 @@ def test_prune_curve_sweeps_and_restores_masks(trained):
     finally:
         layers[first].mask.fill_(1.0)
     assert isinstance(curve, PruneCurve) and curve.stop_point is None
-    assert [p.fraction for p in curve.points] == default_fractions(64)
+    assert [p.fraction for p in curve.points] == sweep_fractions(64)
     assert curve.points[0].accuracy == unpruned["accuracy"] == curve.baseline["accuracy"]
     arrays = curve.as_arrays()
     # structures removed: floor(f * 64), at least the one already masked, one unit left per layer
@@ -199,3 +199,11 @@ def test_prune_curve_errors(trained, kwargs, match):
     model, guide, _, test = trained
     with pytest.raises(ValueError, match=match):
         prune_curve(model, guide, test, **kwargs)
+
+
+def test_sweep_fractions_is_the_one_grid_of_curves_and_baselines():
+    assert sweep_fractions(10, 0.25) == [0.0, 0.25, 0.5, 0.75, 0.9]  # 0.9 = all but one of 10
+    assert sweep_fractions(4, 0.25) == [0.0, 0.25, 0.5, 0.75]  # 1 - 1/4 is already on the grid
+    assert sweep_fractions(100) == [round(0.05 * i, 10) for i in range(20)] + [0.99]
+    with pytest.raises(ValueError, match="step"):
+        sweep_fractions(10, 0.0)

@@ -11,7 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker  # noqa: E402
 
-from bmrs_pyro.distributed import DataParallel, resolve, strip_nproc  # noqa: E402
+from bmrs_pyro.distributed import DataParallel, resolve  # noqa: E402
+from bmrs_pyro.launch import strip_nproc  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_strip_nproc():
 
 
 def test_resume_with_another_number_of_ranks_is_refused(monkeypatch, tmp_path):
-    from bmrs_pyro.distributed import run_hook
+    from bmrs_pyro.launch import run_hook
     from bmrs_pyro.runs import RunConfig
 
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it; the check comes before any group exists

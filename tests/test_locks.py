@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmrs_pyro import runs
+from bmrs_pyro import run_config, runs
 from bmrs_pyro.cli import main
 from bmrs_pyro.runlock import LOCK_FILE, RunLock, RunLockedError, create_unique_dir, lock_holder
 
@@ -114,7 +114,7 @@ def test_default_names_in_the_same_second_get_a_suffix(tmp_path, capsys, monkeyp
         def now(cls, tz=None):
             return dt.datetime(2030, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(runs._dt, "datetime", Frozen)
+    monkeypatch.setattr(run_config._dt, "datetime", Frozen)
     for seed in ("0", "1"):
         assert main(["run", *TINY, "--output", str(tmp_path), "--seed", seed]) == 0
     printed = capsys.readouterr().out

@@ -399,7 +399,7 @@ def _records(folder: Path) -> dict:
 
 @pytest.mark.slow
 def test_interrupted_compare_resumes_the_finished_pairs(tmp_path, capsys, monkeypatch):
-    import bmrs_pyro.compare as compare_module
+    import bmrs_pyro.compare.execution as compare_module
 
     assert main([*COMPARE, "--output", str(tmp_path / "whole")]) == 0
     whole = _records(tmp_path / "whole" / "c")

@@ -20,6 +20,7 @@ from matplotlib.collections import LineCollection, PathCollection
 from matplotlib.figure import Figure
 from scipy import stats
 
+from bmrs_pyro.analysis import plots_compression, plots_training
 from bmrs_pyro.analysis import build_report, plots, render_figures, save_figures, to_inference_data
 from bmrs_pyro.infer import History, evaluate, fit
 from bmrs_pyro.reduction import delta_f_log_normal, delta_f_log_uniform
@@ -200,7 +201,7 @@ def test_elbo_trace_shows_kept_share_resume_and_finetuning():
                               {"epoch": 3, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.3},
                               {"epoch": 5, "event": "resume"},
                               {"epoch": 9, "event": "finetune"}])
-    fig = plots.plot_elbo(history)
+    fig = plots_training.plot_elbo(history)
     assert_labelled(fig)
     ax, twin = fig.axes[0], fig.axes[1]
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), elbo)
@@ -218,11 +219,11 @@ def test_elbo_trace_shows_kept_share_resume_and_finetuning():
     assert bottom > -3000.0 and bottom < -60.0 and top > -15.8
     assert "below the range" in fig._suptitle.get_text()
     # without events: the ELBO alone; train_epochs marks fine-tuning when no event says so
-    ax = visible_axes(plots.plot_elbo({"elbo": elbo, "events": []}, train_epochs=10))[0]
+    ax = visible_axes(plots_training.plot_elbo({"elbo": elbo, "events": []}, train_epochs=10))[0]
     assert [line.get_xdata()[0] for line in ax.lines[1:]] == [10.5]
-    assert len(visible_axes(plots.plot_elbo([-3.0, -2.0]))[0].lines) == 1
+    assert len(visible_axes(plots_training.plot_elbo([-3.0, -2.0]))[0].lines) == 1
     with pytest.raises(ValueError, match="ELBO"):
-        plots.plot_elbo([])
+        plots_training.plot_elbo([])
 
 
 def test_accuracy_compression_curves_and_stop_points():
@@ -232,18 +233,18 @@ def test_accuracy_compression_curves_and_stop_points():
         "bmrs_n": {"points": pts(lambda p: 0.92 - p / 1000), "baseline": {"accuracy": 0.9},
                    "stop_point": {"structures_removed": 40.0, "parameters_removed": 55.0, "accuracy": 0.91}},
     }
-    fig = plots.plot_accuracy_compression(curves)
+    fig = plots_compression.plot_accuracy_compression(curves)
     assert_labelled(fig)
     ax = visible_axes(fig)[0]
     assert len(ax.lines) == 4  # unpruned reference, two curves, one stop marker
     assert legend_texts(ax) == ["unpruned", "snr", "bmrs_n", "bmrs_n stop (40%)"]
     np.testing.assert_allclose(ax.lines[1].get_ydata(), [90.0, 85.0, 80.0, 75.0])
     np.testing.assert_allclose(ax.lines[3].get_xydata(), [[40.0, 91.0]])
-    ax = visible_axes(plots.plot_accuracy_compression(curves, x="parameters"))[0]
+    ax = visible_axes(plots_compression.plot_accuracy_compression(curves, x="parameters"))[0]
     np.testing.assert_allclose(ax.lines[2].get_xdata(), [0, 37.5, 75, 112.5])
     assert ax.get_xlabel() == "parameters removed (%)"
     with pytest.raises(ValueError, match="x must be"):
-        plots.plot_accuracy_compression(curves, x="flops")
+        plots_compression.plot_accuracy_compression(curves, x="flops")
 
 
 def test_accuracy_compression_reads_prune_curve_objects():
@@ -253,14 +254,14 @@ def test_accuracy_compression_reads_prune_curve_objects():
                                          accuracy=acc, nll=0.3, kept_per_layer={})
     curve = PruneCurve(criterion="bmrs_n", options={}, mode="mean", baseline={"accuracy": 0.95},
                        points=[point(0.5, 50.0, 0.8), point(0.0, 0.0, 0.95)], stop_point=point(None, 30.0, 0.94))
-    ax = visible_axes(plots.plot_accuracy_compression({"bmrs_n": curve}))[0]
+    ax = visible_axes(plots_compression.plot_accuracy_compression({"bmrs_n": curve}))[0]
     np.testing.assert_allclose(ax.lines[1].get_xydata(), [[0.0, 95.0], [50.0, 80.0]])  # sorted by x
     np.testing.assert_allclose(ax.lines[2].get_xydata(), [[30.0, 94.0]])
     assert ax.lines[0].get_ydata()[0] == pytest.approx(95.0)
 
 
 def test_kept_width_bars_and_counts():
-    fig = plots.plot_kept_width({"a.theta": (3, 10), "b.theta": (7, 7)})
+    fig = plots_compression.plot_kept_width({"a.theta": (3, 10), "b.theta": (7, 7)})
     assert_labelled(fig)
     ax = visible_axes(fig)[0]
     assert len(ax.patches) == 4
@@ -269,11 +270,11 @@ def test_kept_width_bars_and_counts():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     _, guide = mixed_guide()
     reds = fake_reductions(guide)
-    ax = visible_axes(plots.plot_kept_width(reds))[0]
+    ax = visible_axes(plots_compression.plot_kept_width(reds))[0]
     assert len(ax.patches) == len(SITES) * (1 + len(reds))
     assert legend_texts(ax) == ["total", "bmrs_n", "bmrs_u", "snr"]
     with pytest.raises(ValueError, match="kept <= total"):
-        plots.plot_kept_width({"a": (5, 3)})
+        plots_compression.plot_kept_width({"a": (5, 3)})
 
 
 # ---------------------------------------------------------------- report
@@ -460,7 +461,7 @@ def test_dom_check_flags_external_and_broken_images():
 
 def test_report_says_what_was_removed_and_why(run_dir, tmp_path):
     from bmrs_pyro.analysis.report import decision_sentence
-    from bmrs_pyro.runs import decision_summary
+    from bmrs_pyro.run_summary import decision_summary
 
     run, metrics = run_dir
     base = {"structures": {"total": 200, "kept": 36, "removed_pct": 82.0}, "method": "bmrs_n",
@@ -489,7 +490,7 @@ def test_layers_keep_network_order_through_netcdf(tmp_path):
     """Twelve-module backbones have sites net.2 ... net.11: stored JSON sorts them as text."""
     from bmrs_pyro.analysis import to_inference_data
     from bmrs_pyro.analysis.sources import posteriors
-    from bmrs_pyro.analysis.inference_data import reductions_from_idata, site_table
+    from bmrs_pyro.analysis.sources import reductions_from_idata, site_table
     from bmrs_pyro.guides import AutoTruncatedLogNormal
     from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier
     from bmrs_pyro.pruner import reduce
@@ -525,7 +526,7 @@ def test_elbo_figure_puts_the_warm_start_first():
     history = History(elbo=[-90.0, -60.0, -50.0, -45.0, -44.0, -43.0], warm_start=[-80.0, -40.0, -30.0, -25.0],
                       events=[{"epoch": 3, "event": "warm_start_end", "epochs": 4},
                               {"epoch": 7, "event": "prune", "method": "bmrs_n", "fraction_removed": 0.5}])
-    fig = plots.plot_elbo(history)
+    fig = plots_training.plot_elbo(history)
     ax = fig.axes[0]
     elbo_line, warm_line = ax.lines[0], ax.lines[1]
     assert list(elbo_line.get_xdata()) == [5, 6, 7, 8, 9, 10]  # after the 4 warm-start epochs

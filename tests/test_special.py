@@ -137,3 +137,18 @@ def test_masked_apply_and_where_apply():
     assert torch.equal(full.detach(), y.detach().abs())
     pair = S.where_apply(mask, lambda t: (t, 2 * t), lambda t: (-t, t), y, n_out=2)
     assert torch.equal(pair[1].detach(), _t([-1.0, 4.0, -3.0, 8.0]))
+
+
+def test_scaled_log_diff_ndtr_is_log_diff_ndtr_plus_the_removed_quadratic():
+    from bmrs_pyro._special import scaled_log_diff_ndtr
+
+    lo = torch.tensor([-3.0, -1.0, 0.5, -40.0, 20.0, -0.1], dtype=torch.float64)
+    hi = torch.tensor([-2.0, 2.0, 0.7, -39.5, 30.0, 0.1], dtype=torch.float64)
+    e = torch.clamp(lo, min=0) - torch.clamp(hi, max=0)
+    expected = S.log_diff_ndtr(lo, hi) + 0.5 * e * e
+    assert torch.allclose(scaled_log_diff_ndtr(lo.clone(), hi.clone()), expected, rtol=1e-10, atol=1e-10)
+    # Deep in the lower tail the remainder is -log|b| - log sqrt(2 pi) (Mills ratio, relative error
+    # 1/b^2), where log_diff_ndtr itself would need ~1e18 digits after adding b^2/2 back.
+    b = torch.tensor([-1e9], dtype=torch.float64)
+    got = scaled_log_diff_ndtr(b - 1.0, b.clone())
+    assert torch.allclose(got, -torch.log(-b) - 0.5 * math.log(2 * math.pi), rtol=1e-12)

@@ -21,6 +21,7 @@ deviation from it. Add a method with :func:`register_method`.
 
 from __future__ import annotations
 
+from ..registry import lookup, register
 from .aiap import AIAP
 from .common import Budget, MethodResult, Point, PruningMethod
 from .iterative import IAP, ILP
@@ -34,23 +35,12 @@ METHODS: dict[str, PruningMethod] = {}
 
 def register_method(method: PruningMethod, *, overwrite: bool = False) -> PruningMethod:
     """Add ``method`` to :data:`METHODS` under ``method.name`` (ValueError if taken, unless ``overwrite``)."""
-    if not isinstance(method, PruningMethod):
-        raise ValueError(f"expected a PruningMethod, got {type(method).__name__}")
-    if not method.name:
-        raise ValueError("a method needs a non-empty name")
-    if method.name in METHODS and not overwrite:
-        raise ValueError(f"a method named {method.name!r} is already registered; pass overwrite=True")
-    METHODS[method.name] = method
-    return method
+    return register(METHODS, method, PruningMethod, "method", overwrite=overwrite)
 
 
 def get_method(name: str | PruningMethod) -> PruningMethod:
     """Look a method up by name (a :class:`PruningMethod` is returned as is)."""
-    if isinstance(name, PruningMethod):
-        return name
-    if name not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name]
+    return lookup(METHODS, name, PruningMethod)
 
 
 for _method in [*noise_methods().values(), RNI(), SelfCompression(), IAP(), AIAP(), ILP()]:

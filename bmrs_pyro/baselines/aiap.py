@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..criteria import StructureLinks
+from ..structures import StructureLinks
 from .common import (
     Budget,
     MethodResult,

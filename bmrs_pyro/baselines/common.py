@@ -13,192 +13,30 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..criteria import StructureLinks, structure_map
 from ..batching import iterate_batches
+from ..checks import check_int
+from ..structures import StructureLinks, mean_abs_activation, weight_norm, structure_map
 from ..curves import count_parameters
 from ..evaluation import classify
 from ..infer import run_epoch
 from ..optim import adam
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
-from ..pruner import _rank_remove  # the one greedy least-important-first removal with per-layer room
+from .results import Budget, MethodResult, Point
+
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 ModelBuilder = Callable[[], nn.Module]
 
 
 # ---------------------------------------------------------------- budget, points, results
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much training a method may spend; small defaults that run in seconds on digits.
-
-    Attributes:
-        epochs: training before any pruning (SVI epochs for the Bayesian methods).
-        finetune_epochs: fine-tuning after a one-shot pruning decision (each point of a swept
-            curve, and the method's own stopping point).
-        rounds: iterative methods: prune-retrain rounds (AIAP: attempts, accepted or not).
-        round_epochs: iterative methods: retraining epochs after each removal.
-        batch_size: minibatch size of every loop.
-        lr: Adam learning rate; ``None`` lets each method use its own default.
-    """
-
-    epochs: int = 20
-    finetune_epochs: int = 1
-    rounds: int = 6
-    round_epochs: int = 2
-    batch_size: int = 64
-    lr: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("finetune_epochs", "rounds", "round_epochs"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not self.lr > 0 or not math.isfinite(self.lr)):
-            raise ValueError(f"budget lr must be a positive number or None, got {self.lr!r}")
-
-    @classmethod
-    def coerce(cls, budget: "Budget | Mapping[str, Any] | None") -> "Budget":
-        """A Budget from ``None`` (defaults), a Budget, or a dict of its fields."""
-        if budget is None:
-            return cls()
-        if isinstance(budget, cls):
-            return budget
-        if isinstance(budget, Mapping):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(budget) - known)
-            if unknown:
-                raise ValueError(f"unknown budget field(s) {unknown}; accepted: {sorted(known)}")
-            return cls(**budget)
-        raise ValueError(f"budget must be a Budget, a dict of its fields or None, got {type(budget).__name__}")
-
-    def lr_or(self, default: float) -> float:
-        """The budget's learning rate, or the method's ``default`` when none was given."""
-        return float(self.lr) if self.lr is not None else default
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-@dataclass
-class Point:
-    """One pruned network on a curve.
-
-    ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
-    physically compacted network, :func:`bmrs_pyro.curves.count_parameters`); ``accuracy`` is on
-    the test split, ``val_accuracy`` on the validation split; ``step`` is the swept fraction or
-    the round number; ``kept_per_layer`` maps each noise site to ``(kept, total)`` and
-    ``removed`` to the indices of its removed structures.
-    """
-
-    structures_removed: float
-    parameters_removed: float
-    accuracy: float
-    val_accuracy: Optional[float] = None
-    step: Any = None
-    kept_per_layer: dict = field(default_factory=dict)
-    removed: dict = field(default_factory=dict)
-
-
-@dataclass
-class MethodResult:
-    """What a :class:`PruningMethod` run produced.
-
-    Attributes:
-        method: the method's registry name.
-        unpruned_accuracy, unpruned_val_accuracy: test / validation accuracy of the trained
-            network before any structure was removed.
-        curve: the accuracy-vs-compression points, in order of increasing compression (a swept
-            fraction, or the rounds of an iterative method).
-        stop: the method's own stopping point (its rule, or where its own criterion stops), or
-            None for ranking-only criteria that have no rule.
-        model: the final network, pruned at ``stop`` with its masks applied (the unpruned trained
-            network when ``stop`` is None).
-        wall_time: seconds the whole run took (training included).
-        num_structures, num_parameters: prunable structures and parameters of the unpruned network.
-        guide: the fitted guide, for the methods that have one (else None).
-        info: method-specific details (options used, thresholds, attempts, ...).
-    """
-
-    method: str
-    unpruned_accuracy: float
-    curve: list
-    stop: Optional[Point]
-    model: nn.Module
-    wall_time: float = 0.0
-    unpruned_val_accuracy: Optional[float] = None
-    num_structures: int = 0
-    num_parameters: int = 0
-    guide: Any = None
-    info: dict = field(default_factory=dict)
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The curve as arrays: structures_removed, parameters_removed, accuracy, val_accuracy."""
-        keys = ("structures_removed", "parameters_removed", "accuracy", "val_accuracy")
-        return {k: np.array([np.nan if getattr(p, k) is None else getattr(p, k) for p in self.curve], dtype=float)
-                for k in keys}
-
-    def to_dict(self) -> dict:
-        """A JSON-friendly summary (no model, no guide)."""
-        return {
-            "method": self.method,
-            "unpruned_accuracy": self.unpruned_accuracy,
-            "unpruned_val_accuracy": self.unpruned_val_accuracy,
-            "num_structures": self.num_structures,
-            "num_parameters": self.num_parameters,
-            "wall_time": self.wall_time,
-            "curve": [_point_dict(p) for p in self.curve],
-            "stop": None if self.stop is None else _point_dict(self.stop),
-            "info": {k: _jsonable(v) for k, v in self.info.items()},
-        }
-
-    def __str__(self) -> str:
-        head = f"{'step':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'test acc':>8}  {'val acc':>8}"
-        lines = [f"{self.method}: unpruned test accuracy {self.unpruned_accuracy:.4f}, "
-                 f"{self.wall_time:.1f} s", head, "-" * len(head)]
-        rows = [(p.step, p) for p in self.curve] + ([("stop", self.stop)] if self.stop is not None else [])
-        for tag, p in rows:
-            tag = f"{tag:.3f}" if isinstance(tag, float) else str(tag)
-            val = "" if p.val_accuracy is None else f"{p.val_accuracy:.4f}"
-            lines.append(f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
-                         f"{p.accuracy:>8.4f}  {val:>8}")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def _point_dict(p: Point) -> dict:
-    d = asdict(p)
-    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
-    d["step"] = _jsonable(p.step)
-    return d
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return repr(v)
 
 
 # ---------------------------------------------------------------- the interface
@@ -233,7 +71,7 @@ class PruningMethod:
         if not callable(model_builder):
             raise ValueError("model_builder must be a callable returning a fresh model, e.g. lambda: mlp(64, 10)")
         check_data(data)
-        _check_int("seed", seed, minimum=0)
+        check_int("seed", seed, minimum=0)
         budget = Budget.coerce(budget)
         opts = self.check_options(options)
         start = time.perf_counter()
@@ -331,7 +169,7 @@ def train_network(
     iterative method restarts its schedule. ``param_groups`` overrides the default single group
     of all trainable parameters. Returns the mean loss of every epoch.
     """
-    _check_int("epochs", epochs, minimum=0)
+    check_int("epochs", epochs, minimum=0)
     params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return []
@@ -462,30 +300,6 @@ def per_layer_counts(alive: Mapping[str, torch.Tensor], fraction: float, min_kee
     return counts
 
 
-def keep_global_fraction(importance: Mapping[str, torch.Tensor], fraction: float,
-                         min_keep: int = 1) -> dict[str, torch.Tensor]:
-    """Remove ``floor(fraction * S)`` structures of all layers together, least important first.
-
-    One global ranking (the importances must be comparable across layers); each layer keeps at
-    least ``min(min_keep, width)`` structures, so the count may fall short at high fractions.
-    """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
-    sites = list(importance)
-    flat = torch.cat([importance[s].detach().to(torch.float64).flatten() for s in sites])
-    owner = torch.cat([torch.full((importance[s].numel(),), i) for i, s in enumerate(sites)])
-    room = [importance[s].numel() - min(min_keep, importance[s].numel()) for s in sites]
-    target = math.floor(fraction * flat.numel() + 1e-9)
-    alive = torch.ones(flat.numel(), dtype=torch.bool)
-    removed = _rank_remove(flat, alive, target, owner, dict(enumerate(room)))
-    keep, start = {}, 0
-    for s in sites:
-        n = importance[s].numel()
-        keep[s] = ~removed[start:start + n]
-        start += n
-    return keep
-
-
 def incoming_weight_norm(links: Mapping[str, StructureLinks], p: float = 2.0,
                          weights: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """Per site, the L``p`` norm of each structure's incoming weights (producer row or filter).
@@ -493,12 +307,8 @@ def incoming_weight_norm(links: Mapping[str, StructureLinks], p: float = 2.0,
     ``weights`` (site -> weight tensor) replaces the producers' own weights (e.g. posterior means).
     The bias is not included.
     """
-    out = {}
-    for site, link in links.items():
-        w = weights[site] if weights is not None else link.producer.weight
-        w = w.detach().to(torch.float64)
-        out[site] = w.reshape(w.shape[0], -1).norm(p=p, dim=1)
-    return out
+    return {site: weight_norm(weights[site] if weights is not None else link.producer.weight, p)
+            for site, link in links.items()}
 
 
 @torch.no_grad()
@@ -508,28 +318,16 @@ def mean_activation(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     The attention map with power p = 1 of Zhao, Jain & Zhao (2022), measured after the
     activation, in eval mode. Masked structures score 0.
     """
-    layers = noise_modules(model)
-    totals = {site: torch.zeros(layer.num_structures, dtype=torch.float64) for site, layer in layers.items()}
-    counts = {site: 0 for site in layers}
-    handles = []
-    for site, layer in layers.items():
-        def hook(mod, inputs, output, site=site):
-            dim = mod.channel_dim if mod.channel_dim > 0 else output.dim() + mod.channel_dim
-            a = output.detach().abs().to(torch.float64).movedim(dim, -1).reshape(-1, mod.num_structures)
-            totals[site] += a.sum(0)
-            counts[site] += a.shape[0]
+    def run() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                logits(model, x[start:start + batch_size])
+        finally:
+            model.train(was_training)
 
-        handles.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            logits(model, x[start:start + batch_size])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return {site: totals[site] / max(counts[site], 1) for site in layers}
+    return mean_abs_activation(noise_modules(model), run)[0]
 
 
 def last_within(points: Sequence[Point], baseline: float, tolerance: float) -> int:
@@ -573,7 +371,6 @@ __all__ = [
     "example_inputs",
     "get_masks",
     "incoming_weight_norm",
-    "keep_global_fraction",
     "last_within",
     "links_of",
     "logits",

@@ -9,28 +9,17 @@ decision as the stopping point: BMRS prunes where dF >= -margin (1 nat), SNR whe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..criteria import get_criterion
+from ..curves import sweep_fractions
 from ..guides import AutoTruncatedLogNormal
 from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
 from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
                      snapshot, total_parameters)
-
-
-def sweep_fractions(num_structures: int, step: float = 0.1) -> list[float]:
-    """0, step, 2 step, ... below 1, plus 1 - 1/S (all but one structure; min_keep caps per layer)."""
-    if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got {step!r}")
-    out = [round(step * i, 10) for i in range(int(math.floor(1 / step + 1e-9)) + 1) if step * i < 1 - 1e-9]
-    guard = 1.0 - 1.0 / num_structures
-    if guard > out[-1]:
-        out.append(guard)
-    return out
 
 
 class NoiseCriterionMethod(PruningMethod):
@@ -193,4 +182,4 @@ def noise_methods() -> dict[str, NoiseCriterionMethod]:
     }
 
 
-__all__ = ["FittedNoiseModel", "NoiseCriterionMethod", "noise_methods", "sweep_fractions"]
+__all__ = ["FittedNoiseModel", "NoiseCriterionMethod", "noise_methods"]

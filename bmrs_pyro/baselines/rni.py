@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruner import keep_fraction
 from .common import (
     Budget,
     MethodResult,
     Point,
     PruningMethod,
     build_deterministic,
-    keep_global_fraction,
     links_of,
     make_point,
     restore,
@@ -27,7 +27,7 @@ from .common import (
     total_parameters,
     train_network,
 )
-from .noise_criteria import sweep_fractions
+from ..curves import sweep_fractions
 
 
 class _Bounded:
@@ -234,7 +234,7 @@ class RNI(PruningMethod):
         min_keep = int(options["min_keep"])
 
         def point(fraction: float, keep_result: bool = False) -> Point:
-            keep = keep_global_fraction(importance, fraction, min_keep)
+            keep = keep_fraction(importance, fraction, scope="global", min_keep=min_keep)
             set_masks(model, keep)
             train_network(model, data.train, epochs=budget.finetune_epochs, lr=lr, batch_size=budget.batch_size,
                           seed=seed + 1)
