@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+# mnist1d's make_dataset builds everything from in-package templates; get_dataset (not used) may download.
+from mnist1d.data import get_dataset_args, make_dataset
+from sklearn.datasets import load_digits
 
 from .checks import check_int
 from .data_files import _CIFAR_TEST, _CIFAR_TRAIN, _IDX_FILES, _cifar10, _idx_set  # noqa: F401  (tests read the names)
@@ -241,8 +244,6 @@ def _standardize(tensors: list[tuple[torch.Tensor, torch.Tensor]], info: dict[st
 # ----------------------------------------------------------------------------- built-in sets
 
 def _digits(test_fraction: float = 0.2) -> tuple[Arrays, Arrays, int, dict[str, Any]]:
-    from sklearn.datasets import load_digits
-
     test_fraction = _fraction_option("test_fraction", test_fraction)
     bunch = load_digits()
     X = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]  # pixel values are 0..16
@@ -282,9 +283,6 @@ def _mnist5k(test_fraction: float = 0.2) -> tuple[Arrays, Arrays, int, dict[str,
 def _mnist1d(num_samples: int = 5000, data_seed: int = 42) -> tuple[Arrays, Arrays, int, dict[str, Any]]:
     num_samples = check_int("num_samples", num_samples, minimum=20)
     data_seed = check_int("data_seed", data_seed, minimum=0)
-    # make_dataset builds everything from in-package templates; get_dataset (not used) may download.
-    from mnist1d.data import get_dataset_args, make_dataset
-
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = data_seed

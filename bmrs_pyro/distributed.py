@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 from .nn import noise_modules
 
@@ -72,8 +73,6 @@ class DataParallel:
 
     def shard(self, order: torch.Tensor) -> torch.Tensor:
         """This rank's strided share of the shuffled index ``order`` (``DistributedSampler``)."""
-        from torch.utils.data import DistributedSampler
-
         sampler = DistributedSampler(range(len(order)), num_replicas=self.world_size, rank=self.rank,
                                      shuffle=False, drop_last=False)
         return order[torch.as_tensor(list(iter(sampler)), dtype=torch.long)]

