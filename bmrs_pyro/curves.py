@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -204,6 +204,34 @@ def _snapshot(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def prune_and_measure(fraction: Optional[float], prune: Callable[[Optional[float]], Any],
+                      measure: Callable[[Optional[float], Any, Any], Any], *,
+                      finetune: Optional[Callable[[Any], Any]] = None) -> Any:
+    """One point of a sweep, left pruned: ``result = prune(fraction)`` (rank the structures and mask
+    the lowest ``fraction``; None: the method's own rule), then ``extra = finetune(result)`` when
+    given (None otherwise), then ``measure(fraction, result, extra)`` (evaluate, count parameters),
+    whose value is returned. The caller restores the network when it wants to."""
+    result = prune(fraction)
+    extra = finetune(result) if finetune is not None else None
+    return measure(fraction, result, extra)
+
+
+def sweep(fractions: Sequence[Optional[float]], prune: Callable[[Optional[float]], Any],
+          measure: Callable[[Optional[float], Any, Any], Any], restore: Callable[[], None], *,
+          finetune: Optional[Callable[[Any], Any]] = None) -> list:
+    """The one fraction sweep behind every accuracy-vs-compression curve (:func:`prune_curve`, the
+    noise criteria and RNI of :mod:`bmrs_pyro.baselines`): for each fraction in order, one
+    :func:`prune_and_measure` point (rank, remove, optionally fine-tune, evaluate, count), then
+    ``restore()`` (masks and, after fine-tuning, weights back to the trained network). Returns the
+    list of what ``measure`` returned. The callables fix what each step means (which criterion,
+    which data, which optimiser), the order of the steps is the same for every method."""
+    points = []
+    for fraction in fractions:
+        points.append(prune_and_measure(fraction, prune, measure, finetune=finetune))
+        restore()
+    return points
+
+
 def prune_curve(
     model: nn.Module,
     guide,
@@ -270,16 +298,19 @@ def prune_curve(
             for site, layer in layers.items():
                 layer.mask.copy_(original_masks[site])
 
-    def point(fraction: Optional[float]) -> CurvePoint:
+    def prune(fraction: Optional[float]):
         result = reduce(model, guide, crit, fraction=fraction, data=score_data, **options)
         result.apply()
+        return result
+
+    def finetune(result) -> Optional[float]:
+        before = evaluate(model, guide, data, mode, num_samples=num_samples)["accuracy"]
+        fit(model, guide, train_data, epochs=finetune_epochs, **finetune_options)
+        return before
+
+    def measure(fraction: Optional[float], result, before: Optional[float]) -> CurvePoint:
         kept, total = _count(model, links, result.keep)
-        before = None
-        if finetune_epochs > 0:
-            before = evaluate(model, guide, data, mode, num_samples=num_samples)["accuracy"]
-            fit(model, guide, train_data, epochs=finetune_epochs, **finetune_options)
         metrics = evaluate(model, guide, data, mode, num_samples=num_samples)
-        restore()
         return CurvePoint(
             fraction=fraction,
             structures_removed=100.0 * result.fraction_removed,
@@ -290,10 +321,11 @@ def prune_curve(
             accuracy_before_finetune=before,
         )
 
+    tune = finetune if finetune_epochs > 0 else None
     try:
         baseline = evaluate(model, guide, data, mode, num_samples=num_samples)
-        points = [point(f) for f in fractions]
-        stop = point(None) if crit.has_rule else None
+        points = sweep(fractions, prune, measure, restore, finetune=tune)
+        stop = prune_and_measure(None, prune, measure, finetune=tune) if crit.has_rule else None
     finally:
         restore()
     return PruneCurve(
@@ -309,5 +341,6 @@ def prune_curve(
     )
 
 
-__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "prune_curve", "sweep_fractions"]
+__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "prune_and_measure", "prune_curve", "sweep",
+           "sweep_fractions"]
 
