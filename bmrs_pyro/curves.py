@@ -100,21 +100,35 @@ def count_parameters(model: nn.Module, masks: Optional[dict] = None, *, inputs=N
 
 @dataclass
 class CurvePoint:
-    """One pruned network: what was removed and how it scores.
+    """One pruned network on an accuracy-vs-compression curve: the one point type of
+    :class:`PruneCurve` (:func:`prune_curve`) and of the baselines'
+    :class:`~bmrs_pyro.baselines.MethodResult`.
 
-    ``fraction``: the requested fraction (None for a method's own stop point);
-    ``structures_removed`` and ``parameters_removed`` in %; ``accuracy`` and ``nll`` on the
-    evaluation data (after fine-tuning, when asked; ``accuracy_before_finetune`` then holds the
-    value before it); ``kept_per_layer``: ``{site: (kept, total)}``.
+    ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
+    physically compacted network, :func:`count_parameters`); ``accuracy`` is on the evaluation
+    (test) data, after fine-tuning when asked (``accuracy_before_finetune`` then holds the value
+    before it, for :func:`prune_curve`); ``val_accuracy`` on the validation split when there is
+    one; ``step`` is the swept fraction (None at a method's own stopping point) or the round
+    number of an iterative method; ``kept_per_layer`` maps each noise site to ``(kept, total)``
+    and ``removed`` to the indices of its removed structures; ``nll`` the evaluation data's mean
+    negative log-likelihood where it was measured.
     """
 
-    fraction: Optional[float]
     structures_removed: float
     parameters_removed: float
     accuracy: float
-    nll: float
-    kept_per_layer: dict
+    val_accuracy: Optional[float] = None
+    step: Any = None
+    kept_per_layer: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
+    nll: Optional[float] = None
     accuracy_before_finetune: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """The point as a dict (``kept_per_layer`` values as lists)."""
+        d = asdict(self)
+        d["kept_per_layer"] = {k: list(v) for k, v in self.kept_per_layer.items()}
+        return d
 
 
 @dataclass
@@ -132,9 +146,12 @@ class PruneCurve:
     finetune_epochs: int = 0
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        """The sweep as arrays: fraction, structures_removed, parameters_removed, accuracy, nll."""
-        keys = ("fraction", "structures_removed", "parameters_removed", "accuracy", "nll")
-        return {k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys}
+        """The sweep as arrays: fraction (the points' ``step``), structures_removed,
+        parameters_removed, accuracy, nll."""
+        keys = ("structures_removed", "parameters_removed", "accuracy", "nll")
+        out = {"fraction": np.array([p.step for p in self.points], dtype=float)}
+        out.update({k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys})
+        return out
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict of the whole curve."""
@@ -147,8 +164,8 @@ class PruneCurve:
             "num_structures": self.num_structures,
             "num_parameters": self.num_parameters,
             "finetune_epochs": self.finetune_epochs,
-            "points": [_point_dict(p) for p in self.points],
-            "stop_point": None if self.stop_point is None else _point_dict(self.stop_point),
+            "points": [p.to_dict() for p in self.points],
+            "stop_point": None if self.stop_point is None else self.stop_point.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -159,7 +176,7 @@ class PruneCurve:
             head,
             "-" * len(head),
         ]
-        rows = [(f"{p.fraction:.3f}", p) for p in self.points]
+        rows = [(f"{p.step:.3f}", p) for p in self.points]
         if self.stop_point is not None:
             rows.append(("stop", self.stop_point))
         for tag, p in rows:
@@ -170,12 +187,6 @@ class PruneCurve:
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-def _point_dict(p: CurvePoint) -> dict:
-    d = asdict(p)
-    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
-    return d
 
 
 def sweep_fractions(num_structures: int, step: float = 0.05) -> list[float]:
@@ -312,7 +323,7 @@ def prune_curve(
         kept, total = _count(model, links, result.keep)
         metrics = evaluate(model, guide, data, mode, num_samples=num_samples)
         return CurvePoint(
-            fraction=fraction,
+            step=fraction,
             structures_removed=100.0 * result.fraction_removed,
             parameters_removed=100.0 * (1.0 - kept / total) if total else 0.0,
             accuracy=metrics["accuracy"],

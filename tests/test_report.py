@@ -250,7 +250,7 @@ def test_accuracy_compression_curves_and_stop_points():
 def test_accuracy_compression_reads_prune_curve_objects():
     from bmrs_pyro.curves import CurvePoint, PruneCurve
 
-    point = lambda f, s, acc: CurvePoint(fraction=f, structures_removed=s, parameters_removed=s * 1.2,
+    point = lambda f, s, acc: CurvePoint(step=f, structures_removed=s, parameters_removed=s * 1.2,
                                          accuracy=acc, nll=0.3, kept_per_layer={})
     curve = PruneCurve(criterion="bmrs_n", options={}, mode="mean", baseline={"accuracy": 0.95},
                        points=[point(0.5, 50.0, 0.8), point(0.0, 0.0, 0.95)], stop_point=point(None, 30.0, 0.94))

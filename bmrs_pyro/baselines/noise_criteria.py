@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..criteria import get_criterion
-from ..curves import prune_and_measure, sweep, sweep_fractions
+from ..curves import CurvePoint, prune_and_measure, sweep, sweep_fractions
 from ..guides import AutoTruncatedLogNormal
 from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
-from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
+from .common import (Budget, MethodResult, PruningMethod, compression, last_within, removed_indices,
                      snapshot, total_parameters)
 
 
@@ -113,9 +113,9 @@ class NoiseCriterionMethod(PruningMethod):
         def finetune(pruned) -> None:
             fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **fitted.train_options)
 
-        def measure(fraction: Optional[float], pruned, _) -> Point:
+        def measure(fraction: Optional[float], pruned, _) -> CurvePoint:
             result, (s, p) = pruned
-            return Point(structures_removed=s, parameters_removed=p,
+            return CurvePoint(structures_removed=s, parameters_removed=p,
                          accuracy=evaluate(model, guide, data.test)["accuracy"],
                          val_accuracy=evaluate(model, guide, data.val)["accuracy"],
                          step=fraction, kept_per_layer=dict(result.kept_per_layer),
@@ -123,7 +123,7 @@ class NoiseCriterionMethod(PruningMethod):
 
         tune = finetune if budget.finetune_epochs > 0 else None
         curve = sweep(fractions, prune, measure, lambda: _load(model, guide, fitted.trained), finetune=tune)
-        stop: Optional[Point] = None
+        stop: Optional[CurvePoint] = None
         if crit.has_rule:
             stop = prune_and_measure(None, prune, measure, finetune=tune)
         elif options["stop_tolerance"] is not None:

@@ -16,7 +16,6 @@ from ..pruner import keep_fraction
 from .common import (
     Budget,
     MethodResult,
-    Point,
     PruningMethod,
     build_deterministic,
     links_of,
@@ -27,7 +26,7 @@ from .common import (
     total_parameters,
     train_network,
 )
-from ..curves import prune_and_measure, sweep, sweep_fractions
+from ..curves import CurvePoint, prune_and_measure, sweep, sweep_fractions
 
 
 class _Bounded:
@@ -240,7 +239,7 @@ class RNI(PruningMethod):
             train_network(model, data.train, epochs=budget.finetune_epochs, lr=lr, batch_size=budget.batch_size,
                           seed=seed + 1)
 
-        def measure(fraction: float, _, __) -> Point:
+        def measure(fraction: float, _, __) -> CurvePoint:
             return make_point(model, data, step=fraction)
 
         fractions = options["fractions"]
