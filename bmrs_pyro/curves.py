@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,21 +100,35 @@ def count_parameters(model: nn.Module, masks: Optional[dict] = None, *, inputs=N
 
 @dataclass
 class CurvePoint:
-    """One pruned network: what was removed and how it scores.
+    """One pruned network on an accuracy-vs-compression curve: the one point type of
+    :class:`PruneCurve` (:func:`prune_curve`) and of the baselines'
+    :class:`~bmrs_pyro.baselines.MethodResult`.
 
-    ``fraction``: the requested fraction (None for a method's own stop point);
-    ``structures_removed`` and ``parameters_removed`` in %; ``accuracy`` and ``nll`` on the
-    evaluation data (after fine-tuning, when asked; ``accuracy_before_finetune`` then holds the
-    value before it); ``kept_per_layer``: ``{site: (kept, total)}``.
+    ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
+    physically compacted network, :func:`count_parameters`); ``accuracy`` is on the evaluation
+    (test) data, after fine-tuning when asked (``accuracy_before_finetune`` then holds the value
+    before it, for :func:`prune_curve`); ``val_accuracy`` on the validation split when there is
+    one; ``step`` is the swept fraction (None at a method's own stopping point) or the round
+    number of an iterative method; ``kept_per_layer`` maps each noise site to ``(kept, total)``
+    and ``removed`` to the indices of its removed structures; ``nll`` the evaluation data's mean
+    negative log-likelihood where it was measured.
     """
 
-    fraction: Optional[float]
     structures_removed: float
     parameters_removed: float
     accuracy: float
-    nll: float
-    kept_per_layer: dict
+    val_accuracy: Optional[float] = None
+    step: Any = None
+    kept_per_layer: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
+    nll: Optional[float] = None
     accuracy_before_finetune: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """The point as a dict (``kept_per_layer`` values as lists)."""
+        d = asdict(self)
+        d["kept_per_layer"] = {k: list(v) for k, v in self.kept_per_layer.items()}
+        return d
 
 
 @dataclass
@@ -132,9 +146,12 @@ class PruneCurve:
     finetune_epochs: int = 0
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        """The sweep as arrays: fraction, structures_removed, parameters_removed, accuracy, nll."""
-        keys = ("fraction", "structures_removed", "parameters_removed", "accuracy", "nll")
-        return {k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys}
+        """The sweep as arrays: fraction (the points' ``step``), structures_removed,
+        parameters_removed, accuracy, nll."""
+        keys = ("structures_removed", "parameters_removed", "accuracy", "nll")
+        out = {"fraction": np.array([p.step for p in self.points], dtype=float)}
+        out.update({k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys})
+        return out
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict of the whole curve."""
@@ -147,8 +164,8 @@ class PruneCurve:
             "num_structures": self.num_structures,
             "num_parameters": self.num_parameters,
             "finetune_epochs": self.finetune_epochs,
-            "points": [_point_dict(p) for p in self.points],
-            "stop_point": None if self.stop_point is None else _point_dict(self.stop_point),
+            "points": [p.to_dict() for p in self.points],
+            "stop_point": None if self.stop_point is None else self.stop_point.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -159,7 +176,7 @@ class PruneCurve:
             head,
             "-" * len(head),
         ]
-        rows = [(f"{p.fraction:.3f}", p) for p in self.points]
+        rows = [(f"{p.step:.3f}", p) for p in self.points]
         if self.stop_point is not None:
             rows.append(("stop", self.stop_point))
         for tag, p in rows:
@@ -170,12 +187,6 @@ class PruneCurve:
         return "\n".join(lines)
 
     __repr__ = __str__
-
-
-def _point_dict(p: CurvePoint) -> dict:
-    d = asdict(p)
-    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
-    return d
 
 
 def sweep_fractions(num_structures: int, step: float = 0.05) -> list[float]:
@@ -202,6 +213,34 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
 
 def _snapshot(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def prune_and_measure(fraction: Optional[float], prune: Callable[[Optional[float]], Any],
+                      measure: Callable[[Optional[float], Any, Any], Any], *,
+                      finetune: Optional[Callable[[Any], Any]] = None) -> Any:
+    """One point of a sweep, left pruned: ``result = prune(fraction)`` (rank the structures and mask
+    the lowest ``fraction``; None: the method's own rule), then ``extra = finetune(result)`` when
+    given (None otherwise), then ``measure(fraction, result, extra)`` (evaluate, count parameters),
+    whose value is returned. The caller restores the network when it wants to."""
+    result = prune(fraction)
+    extra = finetune(result) if finetune is not None else None
+    return measure(fraction, result, extra)
+
+
+def sweep(fractions: Sequence[Optional[float]], prune: Callable[[Optional[float]], Any],
+          measure: Callable[[Optional[float], Any, Any], Any], restore: Callable[[], None], *,
+          finetune: Optional[Callable[[Any], Any]] = None) -> list:
+    """The one fraction sweep behind every accuracy-vs-compression curve (:func:`prune_curve`, the
+    noise criteria and RNI of :mod:`bmrs_pyro.baselines`): for each fraction in order, one
+    :func:`prune_and_measure` point (rank, remove, optionally fine-tune, evaluate, count), then
+    ``restore()`` (masks and, after fine-tuning, weights back to the trained network). Returns the
+    list of what ``measure`` returned. The callables fix what each step means (which criterion,
+    which data, which optimiser), the order of the steps is the same for every method."""
+    points = []
+    for fraction in fractions:
+        points.append(prune_and_measure(fraction, prune, measure, finetune=finetune))
+        restore()
+    return points
 
 
 def prune_curve(
@@ -270,18 +309,21 @@ def prune_curve(
             for site, layer in layers.items():
                 layer.mask.copy_(original_masks[site])
 
-    def point(fraction: Optional[float]) -> CurvePoint:
+    def prune(fraction: Optional[float]):
         result = reduce(model, guide, crit, fraction=fraction, data=score_data, **options)
         result.apply()
+        return result
+
+    def finetune(result) -> Optional[float]:
+        before = evaluate(model, guide, data, mode, num_samples=num_samples)["accuracy"]
+        fit(model, guide, train_data, epochs=finetune_epochs, **finetune_options)
+        return before
+
+    def measure(fraction: Optional[float], result, before: Optional[float]) -> CurvePoint:
         kept, total = _count(model, links, result.keep)
-        before = None
-        if finetune_epochs > 0:
-            before = evaluate(model, guide, data, mode, num_samples=num_samples)["accuracy"]
-            fit(model, guide, train_data, epochs=finetune_epochs, **finetune_options)
         metrics = evaluate(model, guide, data, mode, num_samples=num_samples)
-        restore()
         return CurvePoint(
-            fraction=fraction,
+            step=fraction,
             structures_removed=100.0 * result.fraction_removed,
             parameters_removed=100.0 * (1.0 - kept / total) if total else 0.0,
             accuracy=metrics["accuracy"],
@@ -290,10 +332,11 @@ def prune_curve(
             accuracy_before_finetune=before,
         )
 
+    tune = finetune if finetune_epochs > 0 else None
     try:
         baseline = evaluate(model, guide, data, mode, num_samples=num_samples)
-        points = [point(f) for f in fractions]
-        stop = point(None) if crit.has_rule else None
+        points = sweep(fractions, prune, measure, restore, finetune=tune)
+        stop = prune_and_measure(None, prune, measure, finetune=tune) if crit.has_rule else None
     finally:
         restore()
     return PruneCurve(
@@ -309,5 +352,6 @@ def prune_curve(
     )
 
 
-__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "prune_curve", "sweep_fractions"]
+__all__ = ["CurvePoint", "PruneCurve", "count_parameters", "prune_and_measure", "prune_curve", "sweep",
+           "sweep_fractions"]
 

@@ -33,7 +33,6 @@ from bmrs_pyro.baselines.common import (
     mean_activation,
     per_layer_counts,
     remove_lowest,
-    Point,
 )
 from bmrs_pyro.baselines.rni import (
     BoundedBatchNorm1d,
@@ -44,7 +43,7 @@ from bmrs_pyro.baselines.rni import (
     to_plain_batchnorm,
 )
 from bmrs_pyro.baselines.self_compression import structure_importance
-from bmrs_pyro.curves import count_parameters
+from bmrs_pyro.curves import CurvePoint, count_parameters
 from bmrs_pyro.data import load
 from bmrs_pyro.infer import evaluate
 from bmrs_pyro.models import lenet5, mlp
@@ -194,7 +193,7 @@ def test_masking_helpers_rank_within_layers_and_globally():
 
 
 def test_last_within_stops_before_the_first_loss_beyond_tolerance():
-    pts = [Point(0, 0, 0.9, v) for v in (0.90, 0.905, 0.893, 0.88, 0.90)]
+    pts = [CurvePoint(0, 0, 0.9, v) for v in (0.90, 0.905, 0.893, 0.88, 0.90)]
     assert last_within(pts, 0.90, 1.0) == 2  # 0.88 is 2 points below; 0.90 after it does not count
     assert last_within(pts, 0.90, 0.5) == 1
     assert last_within(pts[:1], 0.95, 1.0) == 0

@@ -118,7 +118,7 @@ def test_prune_curve_sweeps_and_restores_masks(trained):
     finally:
         layers[first].mask.fill_(1.0)
     assert isinstance(curve, PruneCurve) and curve.stop_point is None
-    assert [p.fraction for p in curve.points] == sweep_fractions(64)
+    assert [p.step for p in curve.points] == sweep_fractions(64)
     assert curve.points[0].accuracy == unpruned["accuracy"] == curve.baseline["accuracy"]
     arrays = curve.as_arrays()
     # structures removed: floor(f * 64), at least the one already masked, one unit left per layer
@@ -154,7 +154,7 @@ def test_prune_curve_bmrs_stop_point(trained):
             for p, v in zip(store, saved):
                 p.copy_(v)
     stop = curve.stop_point
-    assert stop is not None and stop.fraction is None
+    assert stop is not None and stop.step is None
     assert stop.structures_removed == pytest.approx(100 * own.fraction_removed)
     assert own.kept_per_layer[site][0] <= 22  # the ten at low are pruned
     assert stop.kept_per_layer == own.kept_per_layer

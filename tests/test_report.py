@@ -250,7 +250,7 @@ def test_accuracy_compression_curves_and_stop_points():
 def test_accuracy_compression_reads_prune_curve_objects():
     from bmrs_pyro.curves import CurvePoint, PruneCurve
 
-    point = lambda f, s, acc: CurvePoint(fraction=f, structures_removed=s, parameters_removed=s * 1.2,
+    point = lambda f, s, acc: CurvePoint(step=f, structures_removed=s, parameters_removed=s * 1.2,
                                          accuracy=acc, nll=0.3, kept_per_layer={})
     curve = PruneCurve(criterion="bmrs_n", options={}, mode="mean", baseline={"accuracy": 0.95},
                        points=[point(0.5, 50.0, 0.8), point(0.0, 0.0, 0.95)], stop_point=point(None, 30.0, 0.94))
@@ -533,3 +533,23 @@ def test_elbo_figure_puts_the_warm_start_first():
     assert list(warm_line.get_xdata()) == [1, 2, 3, 4] and list(warm_line.get_ydata()) == history.warm_start
     assert "warm start" in [t.get_text() for t in ax.texts]
     assert list(fig.axes[1].lines[1].get_xdata()) == [8]  # the reduction after epoch index 7
+
+
+def test_accuracy_compression_band_is_the_mean_over_seeds():
+    """band=True (what `bmrs compare` draws): the line is the mean of the seeds' curves on a grid,
+    the band +- their sd, the star the mean stopping point."""
+    rec = lambda acc, stop_acc: {"unpruned_accuracy": acc[0], "stop": {"structures_removed": 50.0,
+                                 "parameters_removed": 50.0, "accuracy": stop_acc},
+                                 "curve": [{"structures_removed": s, "parameters_removed": s, "accuracy": a}
+                                           for s, a in zip((0.0, 50.0, 100.0), acc)]}
+    fig = plots_compression.plot_accuracy_compression(
+        {"bmrs_n": [rec((0.9, 0.8, 0.1), 0.82), rec((0.9, 0.6, 0.3), 0.78)]}, x="structures", band=True)
+    top = fig.axes[0]
+    xy = top.lines[0].get_xydata()
+    at = lambda v: xy[np.argmin(abs(xy[:, 0] - v)), 1]
+    assert at(0.0) == pytest.approx(90.0) and at(50.0) == pytest.approx(70.0) and at(100.0) == pytest.approx(20.0)
+    assert at(25.0) == pytest.approx((85.0 + 75.0) / 2)  # linear interpolation per seed, then the mean
+    star = [line for line in top.lines if line.get_marker() == "*"][0]
+    np.testing.assert_allclose(star.get_xydata(), [[50.0, 80.0]])
+    with pytest.raises(ValueError, match="x must be"):
+        plots_compression.plot_accuracy_compression({"bmrs_n": [rec((0.9, 0.8, 0.1), 0.8)]}, x="flops", band=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ..registry import lookup, register
 from .aiap import AIAP
-from .common import Budget, MethodResult, Point, PruningMethod
+from .common import Budget, MethodResult, PruningMethod
 from .iterative import IAP, ILP
 from .noise_criteria import NoiseCriterionMethod, noise_methods
 from .rni import RNI
@@ -55,7 +55,6 @@ __all__ = [
     "METHODS",
     "MethodResult",
     "NoiseCriterionMethod",
-    "Point",
     "PruningMethod",
     "RNI",
     "SelfCompression",

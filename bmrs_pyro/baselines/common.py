@@ -24,12 +24,12 @@ from torch import nn
 from ..batching import iterate_batches
 from ..checks import check_int
 from ..structures import StructureLinks, mean_abs_activation, weight_norm, structure_map
-from ..curves import count_parameters
+from ..curves import CurvePoint, count_parameters
 from ..evaluation import classify
 from ..infer import run_epoch
 from ..optim import adam
 from ..nn import MultiplicativeNoise, noise_modules, set_mode
-from .results import Budget, MethodResult, Point
+from .results import Budget, MethodResult
 
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -251,7 +251,7 @@ def total_parameters(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def make_point(model: nn.Module, data, *, step: Any = None, count_model: Optional[nn.Module] = None,
-               eval_model: Optional[nn.Module] = None) -> Point:
+               eval_model: Optional[nn.Module] = None) -> CurvePoint:
     """Evaluate the masked ``model`` (test and validation) and count its compression.
 
     ``count_model`` (same architecture, deterministic) is counted instead when ``model``'s weights
@@ -260,7 +260,7 @@ def make_point(model: nn.Module, data, *, step: Any = None, count_model: Optiona
     keep = get_masks(model)
     s, p = compression(count_model if count_model is not None else model, keep, data.train[0])
     target = eval_model if eval_model is not None else model
-    return Point(structures_removed=s, parameters_removed=p, accuracy=accuracy(target, data.test),
+    return CurvePoint(structures_removed=s, parameters_removed=p, accuracy=accuracy(target, data.test),
                  val_accuracy=accuracy(target, data.val), step=step,
                  kept_per_layer={site: (int(k.sum()), int(k.numel())) for site, k in keep.items()},
                  removed=removed_indices(keep))
@@ -330,7 +330,7 @@ def mean_activation(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -
     return mean_abs_activation(noise_modules(model), run)[0]
 
 
-def last_within(points: Sequence[Point], baseline: float, tolerance: float) -> int:
+def last_within(points: Sequence[CurvePoint], baseline: float, tolerance: float) -> int:
     """Index of the last point before the first whose validation accuracy falls more than
     ``tolerance`` (accuracy points, i.e. percent) below ``baseline``; 0 if the first already does.
     """
@@ -361,7 +361,6 @@ def clone(model: nn.Module) -> nn.Module:
 __all__ = [
     "Budget",
     "MethodResult",
-    "Point",
     "PruningMethod",
     "accuracy",
     "build_deterministic",

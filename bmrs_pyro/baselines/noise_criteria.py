@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..criteria import get_criterion
-from ..curves import sweep_fractions
+from ..curves import CurvePoint, prune_and_measure, sweep, sweep_fractions
 from ..guides import AutoTruncatedLogNormal
 from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
-from .common import (Budget, MethodResult, Point, PruningMethod, compression, last_within, removed_indices,
+from .common import (Budget, MethodResult, PruningMethod, compression, last_within, removed_indices,
                      snapshot, total_parameters)
 
 
@@ -104,28 +104,31 @@ class NoiseCriterionMethod(PruningMethod):
             float(f) for f in fractions)
         _load(model, guide, fitted.trained)
 
-        def point(fraction: Optional[float], keep_result: bool = False) -> Point:
+        def prune(fraction: Optional[float]):
             result = reduce(model, guide, crit, fraction=fraction, **crit_options)
             result.apply()
-            s, p = compression(model, result.keep, x_train)
-            if budget.finetune_epochs > 0:
-                fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **fitted.train_options)
-            pt = Point(structures_removed=s, parameters_removed=p,
-                       accuracy=evaluate(model, guide, data.test)["accuracy"],
-                       val_accuracy=evaluate(model, guide, data.val)["accuracy"],
-                       step=fraction, kept_per_layer=dict(result.kept_per_layer),
-                       removed=removed_indices(result.keep))
-            if not keep_result:
-                _load(model, guide, fitted.trained)
-            return pt
+            # counted before fine-tuning: tracing the network runs it once
+            return result, compression(model, result.keep, x_train)
 
-        curve = [point(f) for f in fractions]
-        stop: Optional[Point] = None
+        def finetune(pruned) -> None:
+            fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **fitted.train_options)
+
+        def measure(fraction: Optional[float], pruned, _) -> CurvePoint:
+            result, (s, p) = pruned
+            return CurvePoint(structures_removed=s, parameters_removed=p,
+                         accuracy=evaluate(model, guide, data.test)["accuracy"],
+                         val_accuracy=evaluate(model, guide, data.val)["accuracy"],
+                         step=fraction, kept_per_layer=dict(result.kept_per_layer),
+                         removed=removed_indices(result.keep))
+
+        tune = finetune if budget.finetune_epochs > 0 else None
+        curve = sweep(fractions, prune, measure, lambda: _load(model, guide, fitted.trained), finetune=tune)
+        stop: Optional[CurvePoint] = None
         if crit.has_rule:
-            stop = point(None, keep_result=True)
+            stop = prune_and_measure(None, prune, measure, finetune=tune)
         elif options["stop_tolerance"] is not None:
             best = last_within(curve, fitted.unpruned_val, float(options["stop_tolerance"]))
-            stop = point(curve[best].step, keep_result=True)
+            stop = prune_and_measure(curve[best].step, prune, measure, finetune=tune)
         return MethodResult(
             method=self.name, unpruned_accuracy=fitted.unpruned_test, unpruned_val_accuracy=fitted.unpruned_val,
             curve=curve, stop=stop, model=model, guide=guide, num_structures=fitted.num_structures,

@@ -1,10 +1,10 @@
-"""What a pruning method is given and returns: the :class:`Budget`, curve :class:`Point` s and the
-:class:`MethodResult` of one method on one seed."""
+"""What a pruning method is given and returns: the :class:`Budget` and the :class:`MethodResult`
+of one method on one seed (its points are :class:`bmrs_pyro.curves.CurvePoint` s)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..checks import check_int
+from ..curves import CurvePoint
 
 
 @dataclass(frozen=True)
@@ -65,26 +66,6 @@ class Budget:
 
 
 @dataclass
-class Point:
-    """One pruned network on a curve.
-
-    ``structures_removed`` and ``parameters_removed`` are percentages (parameters: those of the
-    physically compacted network, :func:`bmrs_pyro.curves.count_parameters`); ``accuracy`` is on
-    the test split, ``val_accuracy`` on the validation split; ``step`` is the swept fraction or
-    the round number; ``kept_per_layer`` maps each noise site to ``(kept, total)`` and
-    ``removed`` to the indices of its removed structures.
-    """
-
-    structures_removed: float
-    parameters_removed: float
-    accuracy: float
-    val_accuracy: Optional[float] = None
-    step: Any = None
-    kept_per_layer: dict = field(default_factory=dict)
-    removed: dict = field(default_factory=dict)
-
-
-@dataclass
 class MethodResult:
     """What a :class:`PruningMethod` run produced.
 
@@ -107,7 +88,7 @@ class MethodResult:
     method: str
     unpruned_accuracy: float
     curve: list
-    stop: Optional[Point]
+    stop: Optional[CurvePoint]
     model: nn.Module
     wall_time: float = 0.0
     unpruned_val_accuracy: Optional[float] = None
@@ -151,9 +132,8 @@ class MethodResult:
     __repr__ = __str__
 
 
-def _point_dict(p: Point) -> dict:
-    d = asdict(p)
-    d["kept_per_layer"] = {k: list(v) for k, v in p.kept_per_layer.items()}
+def _point_dict(p: CurvePoint) -> dict:
+    d = p.to_dict()
     d["step"] = _jsonable(p.step)
     return d
 

@@ -16,7 +16,6 @@ from ..pruner import keep_fraction
 from .common import (
     Budget,
     MethodResult,
-    Point,
     PruningMethod,
     build_deterministic,
     links_of,
@@ -27,7 +26,7 @@ from .common import (
     total_parameters,
     train_network,
 )
-from ..curves import sweep_fractions
+from ..curves import CurvePoint, prune_and_measure, sweep, sweep_fractions
 
 
 class _Bounded:
@@ -233,23 +232,23 @@ class RNI(PruningMethod):
         num_structures = sum(v.numel() for v in importance.values())
         min_keep = int(options["min_keep"])
 
-        def point(fraction: float, keep_result: bool = False) -> Point:
-            keep = keep_fraction(importance, fraction, scope="global", min_keep=min_keep)
-            set_masks(model, keep)
+        def prune(fraction: float) -> None:
+            set_masks(model, keep_fraction(importance, fraction, scope="global", min_keep=min_keep))
+
+        def finetune(_) -> None:
             train_network(model, data.train, epochs=budget.finetune_epochs, lr=lr, batch_size=budget.batch_size,
                           seed=seed + 1)
-            pt = make_point(model, data, step=fraction)
-            if not keep_result:
-                restore(model, trained)
-            return pt
+
+        def measure(fraction: float, _, __) -> CurvePoint:
+            return make_point(model, data, step=fraction)
 
         fractions = options["fractions"]
         fractions = sweep_fractions(num_structures, options["fraction_step"]) if fractions is None else sorted(
             float(f) for f in fractions)
-        curve = [point(f) for f in fractions]
+        curve = sweep(fractions, prune, measure, lambda: restore(model, trained), finetune=finetune)
         threshold = push_peak(b) if options["stop_threshold"] is None else float(options["stop_threshold"])
         below = sum(int((s < threshold).sum()) for s in importance.values())
-        stop = point(below / num_structures, keep_result=True)
+        stop = prune_and_measure(below / num_structures, prune, measure, finetune=finetune)
         total = total_parameters(model, x_train)  # as trained: one bounded-BN parameter per structure
         to_plain_batchnorm(model)
         return MethodResult(

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..atomic_io import atomic_write_text
 from ..baselines import METHODS, MethodResult, NoiseCriterionMethod, get_method
-from ..baselines.common import Budget, Point, seed_all
+from ..baselines.common import Budget, seed_all
+from ..curves import CurvePoint
 from ..compaction import compression_stats
 from ..curves import count_parameters
 from ..guides import AutoTruncatedLogNormal
@@ -92,7 +93,7 @@ def compaction_at_stop(result: MethodResult, x: torch.Tensor) -> Optional[dict]:
         model.train(was_training)
 
 
-def _point(p: Point) -> dict:
+def _point(p: CurvePoint) -> dict:
     return {"structures_removed": float(p.structures_removed), "parameters_removed": float(p.parameters_removed),
             "accuracy": float(p.accuracy), "val_accuracy": None if p.val_accuracy is None else float(p.val_accuracy),
             "step": p.step if isinstance(p.step, (int, float)) or p.step is None else str(p.step),
