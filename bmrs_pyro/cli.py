@@ -143,7 +143,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="epochs of training after the final reduction, masks frozen")
     g.add_argument("--warm-start-epochs", type=arg_nonneg_int, default=default(d.warm_start_epochs),
                    help="of the --epochs, how many first train the deterministic network (theta = 1, no KL) "
-                        "before SVI; counted inside --epochs. None: a quarter of --epochs (the training recipe)")
+                        "before SVI; counted inside --epochs. None: half of --epochs (the training recipe)")
     g.add_argument("--seed", type=arg_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
     g.add_argument("--threads", type=arg_positive_int, default=default(d.threads),

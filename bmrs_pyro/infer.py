@@ -42,11 +42,8 @@ __all__ = ["fit", "evaluate", "History", "TrainingDivergedError", "ScaleObserved
 
 #: The training recipe's default (issue 11): the share of the epoch budget that ``bmrs run``,
 #: ``bmrs compare`` and ``make results`` spend on the deterministic warm start of :func:`fit`
-#: before SVI. :func:`fit` itself defaults to no warm start. A quarter: half reached 0.6 points
-#: more on MNIST-1D, but left the SVI phase too short for the posteriors of unneeded structures
-#: to settle, so BMRS_N kept 2-4 % of the structures that SNR < 1 removes (README, "Training
-#: recipe").
-WARM_START_FRACTION = 0.25
+#: before SVI. :func:`fit` itself defaults to no warm start.
+WARM_START_FRACTION = 0.5
 
 
 def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) -> int:

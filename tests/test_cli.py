@@ -528,7 +528,7 @@ def test_guide_lr_and_reference_code_reach_the_optimizer_and_the_criterion():
     assert RunConfig(method="snr").resolved().margin is None
     none = RunConfig(method="none").resolved()
     assert none.prune_every == 0 and none.method_options == {}
-    # after the warm start (a quarter of 40: 10), a pruning warm-up of a quarter of the 30 SVI epochs (ceil 7.5)
-    assert RunConfig(epochs=40).resolved().prune_start == 18
+    # after the warm start (half of 40), a pruning warm-up of a quarter of the 20 SVI epochs
+    assert RunConfig(epochs=40).resolved().prune_start == 25
     with pytest.raises(ValueError, match="guide_lr"):
         RunConfig(guide_lr=-1.0).validate()

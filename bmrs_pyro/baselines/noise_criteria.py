@@ -42,13 +42,13 @@ class NoiseCriterionMethod(PruningMethod):
     more heavily; the default BMRS_U lower bound is the layer's ``low`` rather than the code's
     log 2^-23 (see :func:`bmrs_pyro.criteria.bmrs_u_score`).
 
-    Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.25,
+    Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.5,
     :data:`bmrs_pyro.infer.WARM_START_FRACTION`) trains the deterministic twin (theta = 1, no KL),
     the rest SVI, inside the same epoch budget as every other method (``fit(...,
     warm_start_epochs=k)``); ``warm_start=0`` is SVI from the start, as before.
 
     Options: ``kl_weight`` (1.0), ``guide_lr`` (0.05, Adam rate of the variational parameters),
-    ``warm_start`` (0.25, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
+    ``warm_start`` (0.5, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
     ``stop_tolerance`` (None), ``criterion_options`` (dict passed to ``reduce``, merged over the
     method's own, e.g. ``{"bits": 8}``).
     """
