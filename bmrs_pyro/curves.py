@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -133,7 +133,24 @@ class CurvePoint:
 
 @dataclass
 class PruneCurve:
-    """An accuracy-vs-compression curve of one criterion (see :func:`prune_curve`)."""
+    """An accuracy-vs-compression curve: the one curve type of the package.
+
+    :func:`prune_curve` returns one for a criterion's sweep; every related-work method returns a
+    :class:`~bmrs_pyro.baselines.MethodResult`, which is a ``PruneCurve`` plus the run's network,
+    guide, wall time and details.
+
+    Attributes:
+        criterion: the criterion's or method's name.
+        options: the criterion's options.
+        mode: how the points were evaluated (``"mean"``/``"sample"`` for :func:`prune_curve`,
+            ``"method"`` for a method's own run).
+        baseline: the unpruned network's ``accuracy`` (and ``nll`` / ``val_accuracy`` where
+            measured).
+        points: :class:`CurvePoint` s in order of increasing compression.
+        stop_point: the criterion's or method's own stopping point, or None (ranking only).
+        num_structures, num_parameters: of the unpruned network.
+        finetune_epochs: fine-tuning per point.
+    """
 
     criterion: str
     options: dict
@@ -146,11 +163,11 @@ class PruneCurve:
     finetune_epochs: int = 0
 
     def as_arrays(self) -> dict[str, np.ndarray]:
-        """The sweep as arrays: fraction (the points' ``step``), structures_removed,
-        parameters_removed, accuracy, nll."""
-        keys = ("structures_removed", "parameters_removed", "accuracy", "nll")
-        out = {"fraction": np.array([p.step for p in self.points], dtype=float)}
-        out.update({k: np.array([getattr(p, k) for p in self.points], dtype=float) for k in keys})
+        """The curve as arrays (NaN where a point has no value): fraction (the points' ``step``),
+        structures_removed, parameters_removed, accuracy, val_accuracy, nll."""
+        keys = ("structures_removed", "parameters_removed", "accuracy", "val_accuracy", "nll")
+        out = {"fraction": np.array([_number(p.step) for p in self.points], dtype=float)}
+        out.update({k: np.array([_number(getattr(p, k)) for p in self.points], dtype=float) for k in keys})
         return out
 
     def to_dict(self) -> dict:
@@ -160,33 +177,57 @@ class PruneCurve:
             "options": {k: (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v))
                         for k, v in self.options.items()},
             "mode": self.mode,
-            "baseline": dict(self.baseline),
+            "baseline": jsonable(self.baseline),
             "num_structures": self.num_structures,
             "num_parameters": self.num_parameters,
             "finetune_epochs": self.finetune_epochs,
-            "points": [p.to_dict() for p in self.points],
-            "stop_point": None if self.stop_point is None else self.stop_point.to_dict(),
+            "points": [_point_dict(p) for p in self.points],
+            "stop_point": None if self.stop_point is None else _point_dict(self.stop_point),
         }
 
+    def _title(self) -> str:
+        return (f"prune_curve({self.criterion!r}, mode={self.mode!r}, finetune_epochs={self.finetune_epochs}): "
+                f"unpruned accuracy {self.baseline['accuracy']:.4f}")
+
     def __str__(self) -> str:
-        head = f"{'fraction':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'accuracy':>8}  {'nll':>8}"
-        lines = [
-            f"prune_curve({self.criterion!r}, mode={self.mode!r}, finetune_epochs={self.finetune_epochs}): "
-            f"unpruned accuracy {self.baseline['accuracy']:.4f}",
-            head,
-            "-" * len(head),
-        ]
-        rows = [(f"{p.step:.3f}", p) for p in self.points]
-        if self.stop_point is not None:
-            rows.append(("stop", self.stop_point))
+        head = (f"{'step':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'accuracy':>8}  {'val acc':>8}  "
+                f"{'nll':>8}")
+        lines = [self._title(), head, "-" * len(head)]
+        rows = [(p.step, p) for p in self.points] + ([("stop", self.stop_point)] if self.stop_point is not None else [])
         for tag, p in rows:
-            lines.append(
-                f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
-                f"{p.accuracy:>8.4f}  {p.nll:>8.4f}"
-            )
+            tag = f"{tag:.3f}" if isinstance(tag, float) else str(tag)
+            val = "" if p.val_accuracy is None else f"{p.val_accuracy:.4f}"
+            nll = "" if p.nll is None else f"{p.nll:.4f}"
+            lines.append(f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
+                         f"{p.accuracy:>8.4f}  {val:>8}  {nll:>8}")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else float("nan")
+
+
+def _point_dict(p: CurvePoint) -> dict:
+    d = p.to_dict()
+    d["step"] = jsonable(p.step)
+    return d
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with tensors as lists, non-finite floats as strings and unknown objects as their repr."""
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return repr(v)
 
 
 def sweep_fractions(num_structures: int, step: float = 0.05) -> list[float]:

@@ -1,18 +1,16 @@
 """What a pruning method is given and returns: the :class:`Budget` and the :class:`MethodResult`
-of one method on one seed (its points are :class:`bmrs_pyro.curves.CurvePoint` s)."""
+of one method on one seed (a :class:`bmrs_pyro.curves.PruneCurve` with the run's network)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-import numpy as np
-import torch
 from torch import nn
 
 from ..checks import check_int
-from ..curves import CurvePoint
+from ..curves import CurvePoint, PruneCurve, jsonable
 
 
 @dataclass(frozen=True)
@@ -65,88 +63,52 @@ class Budget:
         return float(self.lr) if self.lr is not None else default
 
 
-@dataclass
-class MethodResult:
-    """What a :class:`PruningMethod` run produced.
+class MethodResult(PruneCurve):
+    """What a :class:`PruningMethod` run produced: its accuracy-vs-compression curve (a
+    :class:`~bmrs_pyro.curves.PruneCurve`, ``mode="method"``) and the run's network.
+
+    Built as ``MethodResult(method, unpruned_accuracy, curve, stop, model, ...)``; besides the
+    curve's own fields it has:
 
     Attributes:
-        method: the method's registry name.
+        method: the method's registry name (the curve's ``criterion``).
         unpruned_accuracy, unpruned_val_accuracy: test / validation accuracy of the trained
-            network before any structure was removed.
-        curve: the accuracy-vs-compression points, in order of increasing compression (a swept
-            fraction, or the rounds of an iterative method).
+            network before any structure was removed (the curve's ``baseline``).
+        curve: the points, in order of increasing compression (a swept fraction, or the rounds of
+            an iterative method; the curve's ``points``).
         stop: the method's own stopping point (its rule, or where its own criterion stops), or
-            None for ranking-only criteria that have no rule.
+            None for ranking-only criteria that have no rule (the curve's ``stop_point``).
         model: the final network, pruned at ``stop`` with its masks applied (the unpruned trained
             network when ``stop`` is None).
         wall_time: seconds the whole run took (training included).
-        num_structures, num_parameters: prunable structures and parameters of the unpruned network.
         guide: the fitted guide, for the methods that have one (else None).
         info: method-specific details (options used, thresholds, attempts, ...).
     """
 
-    method: str
-    unpruned_accuracy: float
-    curve: list
-    stop: Optional[CurvePoint]
-    model: nn.Module
-    wall_time: float = 0.0
-    unpruned_val_accuracy: Optional[float] = None
-    num_structures: int = 0
-    num_parameters: int = 0
-    guide: Any = None
-    info: dict = field(default_factory=dict)
+    def __init__(self, method: str, unpruned_accuracy: float, curve: list, stop: Optional[CurvePoint],
+                 model: nn.Module, wall_time: float = 0.0, unpruned_val_accuracy: Optional[float] = None,
+                 num_structures: int = 0, num_parameters: int = 0, guide: Any = None,
+                 info: Optional[dict] = None) -> None:
+        super().__init__(criterion=method, options={}, mode="method",
+                         baseline={"accuracy": unpruned_accuracy, "val_accuracy": unpruned_val_accuracy},
+                         points=curve, stop_point=stop, num_structures=num_structures,
+                         num_parameters=num_parameters)
+        self.model, self.wall_time, self.guide, self.info = model, wall_time, guide, dict(info or {})
 
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """The curve as arrays: structures_removed, parameters_removed, accuracy, val_accuracy."""
-        keys = ("structures_removed", "parameters_removed", "accuracy", "val_accuracy")
-        return {k: np.array([np.nan if getattr(p, k) is None else getattr(p, k) for p in self.curve], dtype=float)
-                for k in keys}
+    method = property(lambda self: self.criterion, doc="The method's registry name.")
+    curve = property(lambda self: self.points, doc="The curve's points.")
+    stop = property(lambda self: self.stop_point, doc="The method's own stopping point, or None.")
+    unpruned_accuracy = property(lambda self: self.baseline["accuracy"], doc="Unpruned test accuracy.")
+    unpruned_val_accuracy = property(lambda self: self.baseline.get("val_accuracy"),
+                                     doc="Unpruned validation accuracy, or None.")
 
     def to_dict(self) -> dict:
-        """A JSON-friendly summary (no model, no guide)."""
-        return {
-            "method": self.method,
-            "unpruned_accuracy": self.unpruned_accuracy,
-            "unpruned_val_accuracy": self.unpruned_val_accuracy,
-            "num_structures": self.num_structures,
-            "num_parameters": self.num_parameters,
-            "wall_time": self.wall_time,
-            "curve": [_point_dict(p) for p in self.curve],
-            "stop": None if self.stop is None else _point_dict(self.stop),
-            "info": {k: _jsonable(v) for k, v in self.info.items()},
-        }
+        """A JSON-friendly summary: the curve's dict under the method's names (no model, no guide)."""
+        d = super().to_dict()
+        return {"method": self.method, "unpruned_accuracy": self.unpruned_accuracy,
+                "unpruned_val_accuracy": self.unpruned_val_accuracy, "num_structures": self.num_structures,
+                "num_parameters": self.num_parameters, "wall_time": self.wall_time, "curve": d["points"],
+                "stop": d["stop_point"], "info": jsonable(self.info)}
 
-    def __str__(self) -> str:
-        head = f"{'step':>8}  {'struct. removed %':>17}  {'params removed %':>16}  {'test acc':>8}  {'val acc':>8}"
-        lines = [f"{self.method}: unpruned test accuracy {self.unpruned_accuracy:.4f}, "
-                 f"{self.wall_time:.1f} s", head, "-" * len(head)]
-        rows = [(p.step, p) for p in self.curve] + ([("stop", self.stop)] if self.stop is not None else [])
-        for tag, p in rows:
-            tag = f"{tag:.3f}" if isinstance(tag, float) else str(tag)
-            val = "" if p.val_accuracy is None else f"{p.val_accuracy:.4f}"
-            lines.append(f"{tag:>8}  {p.structures_removed:>17.2f}  {p.parameters_removed:>16.2f}  "
-                         f"{p.accuracy:>8.4f}  {val:>8}")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def _point_dict(p: CurvePoint) -> dict:
-    d = p.to_dict()
-    d["step"] = _jsonable(p.step)
-    return d
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return repr(v)
+    def _title(self) -> str:
+        return f"{self.method}: unpruned test accuracy {self.unpruned_accuracy:.4f}, {self.wall_time:.1f} s"
