@@ -10,7 +10,7 @@ per-example noise, posterior init loc 0 / scale e^-5, constant learning rate, SV
     base, lr3e-3, lr1e-2, guide_lr1e-2, guide_lr=lr, global_noise, init_scale_e-8, init_loc-2,
     kl0.1, kl0, cosine (cosine decay of every learning rate to 0), epochs_x2, warm25/50/75 (% of
     the epochs trained deterministically first, ``fit(warm_start_epochs=...)``), combinations,
-    and the chosen recipe (``recipe``: a warm start of ``WARM_START_FRACTION`` = 50 % of the
+    and the chosen recipe (``recipe``: a warm start of ``WARM_START_FRACTION`` = 25 % of the
     epochs, everything else as before).
 
 Every run prints one JSON line: the variant, seed, final train / validation / test accuracy

@@ -143,7 +143,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="epochs of training after the final reduction, masks frozen")
     g.add_argument("--warm-start-epochs", type=arg_nonneg_int, default=default(d.warm_start_epochs),
                    help="of the --epochs, how many first train the deterministic network (theta = 1, no KL) "
-                        "before SVI; counted inside --epochs. None: half of --epochs (the training recipe)")
+                        "before SVI; counted inside --epochs. None: a quarter of --epochs (the training recipe)")
     g.add_argument("--seed", type=arg_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
     g.add_argument("--threads", type=arg_positive_int, default=default(d.threads),
@@ -305,6 +305,9 @@ def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -
                    help=f"training epochs before pruning ({d['epochs'].default})")
     g.add_argument("--finetune-epochs", type=int, default=argparse.SUPPRESS,
                    help=f"fine-tuning after each one-shot pruning ({d['finetune_epochs'].default})")
+    g.add_argument("--finetune-lr-factor", type=float, default=argparse.SUPPRESS,
+                   help="fine-tuning learning rates as a share of the training's "
+                        f"({d['finetune_lr_factor'].default})")
     g.add_argument("--rounds", type=int, default=argparse.SUPPRESS,
                    help=f"iterative methods' rounds ({d['rounds'].default})")
     g.add_argument("--round-epochs", type=int, default=argparse.SUPPRESS,
@@ -317,7 +320,7 @@ def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -
                    help="learning rate of the weights (default: each method's own)")
     g.add_argument("--warm-start", type=float, default=argparse.SUPPRESS,
                    help="noise criteria: share of --epochs trained deterministically (theta = 1) before SVI, "
-                        "counted inside --epochs; 0 = SVI from the start (default: 0.5, the training recipe)")
+                        "counted inside --epochs; 0 = SVI from the start (default: 0.25, the training recipe)")
     g.add_argument("--quick", action="store_true",
                    help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
     g = p.add_argument_group("running and output")
@@ -332,7 +335,7 @@ def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -
 def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     """A :class:`CompareConfig` from parsed ``bmrs compare`` arguments."""
     given = vars(args)
-    budget = {k: given[k] for k in ("epochs", "finetune_epochs", "rounds", "round_epochs", "fraction_step",
+    budget = {k: given[k] for k in ("epochs", "finetune_epochs", "finetune_lr_factor", "rounds", "round_epochs", "fraction_step",
                                     "batch_size", "lr", "warm_start") if k in given}
     values = dict(QUICK_BUDGET) if args.quick else {}
     subset = given.get("subset", values.pop("subset", None))

@@ -43,7 +43,7 @@ __all__ = ["fit", "evaluate", "History", "TrainingDivergedError", "ScaleObserved
 #: The training recipe's default (issue 11): the share of the epoch budget that ``bmrs run``,
 #: ``bmrs compare`` and ``make results`` spend on the deterministic warm start of :func:`fit`
 #: before SVI. :func:`fit` itself defaults to no warm start.
-WARM_START_FRACTION = 0.5
+WARM_START_FRACTION = 0.25
 
 
 def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) -> int:

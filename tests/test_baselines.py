@@ -202,6 +202,46 @@ def test_last_within_stops_before_the_first_loss_beyond_tolerance():
 # ---------------------------------------------------------------- the multiplicative-noise criteria
 
 
+@pytest.mark.parametrize("factor", [0.1, 0.5])
+def test_fine_tuning_runs_at_a_share_of_the_training_rates(factor, tiny_data, monkeypatch):
+    import bmrs_pyro.baselines.noise_criteria as nc
+    calls = []
+    real_fit = nc.fit
+
+    def recording_fit(*args, **kwargs):
+        calls.append((kwargs.get("lr"), kwargs.get("guide_lr"), kwargs.get("epochs")))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(nc, "fit", recording_fit)
+    METHODS["snr"].run(lambda: mlp(64, 10, hidden=(8,)), tiny_data,
+                       fractions=[0.0, 0.25], guide_lr=0.04,
+                       budget={"epochs": 2, "finetune_epochs": 1, "finetune_lr_factor": factor, "lr": 2e-3})
+    training, tuning = calls[0], calls[1:]
+    assert training == (2e-3, 0.04, 2)
+    assert len(tuning) == 3  # two curve points and the stop
+    for lr, guide_lr, epochs in tuning:
+        assert lr == pytest.approx(factor * 2e-3) and guide_lr == pytest.approx(factor * 0.04) and epochs == 1
+    for bad in (0.0, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="finetune_lr_factor"):
+            Budget(finetune_lr_factor=bad)
+
+
+def test_rni_fine_tunes_at_a_share_of_its_rate(tiny_data, monkeypatch):
+    import bmrs_pyro.baselines.rni as rni
+    rates = []
+    real = rni.train_network
+
+    def recording(*args, **kwargs):
+        rates.append((kwargs["lr"], kwargs["epochs"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rni, "train_network", recording)
+    METHODS["rni"].run(lambda: mlp(64, 10, hidden=(8,)), tiny_data, fractions=[0.25],
+                       budget={"epochs": 1, "finetune_epochs": 1, "finetune_lr_factor": 0.2, "lr": 5e-3})
+    assert rates[0] == (5e-3, 1)
+    assert len(rates) == 3 and all(r == pytest.approx(1e-3) and e == 1 for r, e in rates[1:])
+
+
 @pytest.mark.parametrize("name", ["bmrs_n", "bmrs_u8", "bmrs_u4", "snr", "e_theta", "l2"])
 def test_noise_criteria_remove_dead_units_first(name, digits_data):
     # A unit with zero output gets no likelihood gradient: only the KL moves its posterior (towards

@@ -485,8 +485,8 @@ def test_warm_start_epochs_bad(epochs, warm):
         RunConfig(epochs=epochs, warm_start_epochs=warm).resolved().validate()
 
 
-def test_warm_start_default_is_half_the_epochs():
-    assert RunConfig(epochs=100).resolved().warm_start_epochs == 50
+def test_warm_start_default_is_a_quarter_of_the_epochs():
+    assert RunConfig(epochs=100).resolved().warm_start_epochs == 25
     assert RunConfig(epochs=1).resolved().warm_start_epochs == 0  # at least one SVI epoch
     assert RunConfig(epochs=7, warm_start_epochs=0).resolved().warm_start_epochs == 0
 
@@ -528,7 +528,7 @@ def test_guide_lr_and_reference_code_reach_the_optimizer_and_the_criterion():
     assert RunConfig(method="snr").resolved().margin is None
     none = RunConfig(method="none").resolved()
     assert none.prune_every == 0 and none.method_options == {}
-    # after the warm start (half of 40), a pruning warm-up of a quarter of the 20 SVI epochs
-    assert RunConfig(epochs=40).resolved().prune_start == 25
+    # after the warm start (a quarter of 40), a pruning warm-up of a quarter of the 30 SVI epochs
+    assert RunConfig(epochs=40).resolved().prune_start == 18
     with pytest.raises(ValueError, match="guide_lr"):
         RunConfig(guide_lr=-1.0).validate()

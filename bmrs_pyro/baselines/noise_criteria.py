@@ -36,19 +36,19 @@ class NoiseCriterionMethod(PruningMethod):
     swept compression whose validation accuracy is within that many points of the unpruned one.
 
     Deviations from the paper: a coarser grid (``fraction_step``, default 10 % steps instead of
-    100 percentiles); fine-tuning per point is ``budget.finetune_epochs`` SVI epochs (the paper: 1;
-    0 skips it); the loss is the true ELBO
-    (``kl_weight=1``) unless ``kl_weight`` is given, where the authors' code weighs the KL far
+    100 percentiles); fine-tuning per point is ``budget.finetune_epochs`` SVI epochs at
+    ``budget.finetune_lr_factor`` of the training's learning rates (the paper: 1 epoch; 0 skips
+    it); the loss is the true ELBO (``kl_weight=1``) unless ``kl_weight`` is given, where the authors' code weighs the KL far
     more heavily; the default BMRS_U lower bound is the layer's ``low`` rather than the code's
     log 2^-23 (see :func:`bmrs_pyro.criteria.bmrs_u_score`).
 
-    Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.5,
+    Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.25,
     :data:`bmrs_pyro.infer.WARM_START_FRACTION`) trains the deterministic twin (theta = 1, no KL),
     the rest SVI, inside the same epoch budget as every other method (``fit(...,
     warm_start_epochs=k)``); ``warm_start=0`` is SVI from the start, as before.
 
     Options: ``kl_weight`` (1.0), ``guide_lr`` (0.05, Adam rate of the variational parameters),
-    ``warm_start`` (0.5, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
+    ``warm_start`` (0.25, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
     ``stop_tolerance`` (None), ``criterion_options`` (dict passed to ``reduce``, merged over the
     method's own, e.g. ``{"bits": 8}``).
     """
@@ -110,8 +110,12 @@ class NoiseCriterionMethod(PruningMethod):
             # counted before fine-tuning: tracing the network runs it once
             return result, compression(model, result.keep, x_train)
 
+        factor = budget.finetune_lr_factor
+        tune_options = dict(fitted.train_options, lr=factor * fitted.train_options["lr"],
+                            guide_lr=factor * fitted.train_options["guide_lr"])
+
         def finetune(pruned) -> None:
-            fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **fitted.train_options)
+            fit(model, guide, data.train, epochs=budget.finetune_epochs, seed=seed + 1, **tune_options)
 
         def measure(fraction: Optional[float], pruned, _) -> CurvePoint:
             result, (s, p) = pruned

@@ -188,7 +188,8 @@ class RNI(PruningMethod):
     then fine-tuning without the regulariser.
 
     Curve: the global quantile is swept (``fraction_step``); each point is pruned from the
-    trained network and fine-tuned ``budget.finetune_epochs`` epochs. Stopping point (the paper
+    trained network and fine-tuned ``budget.finetune_epochs`` epochs (at ``budget.finetune_lr_factor``
+    of the learning rate). Stopping point (the paper
     has none; our choice): prune every channel whose importance has receded below the peak of
     the regulariser's push, s_c < sigmoid(w*) (:func:`push_peak`, 0.0146 for b = 3). Past that
     point the push is still downward and the data gradient has not held the channel up, so it is
@@ -236,8 +237,8 @@ class RNI(PruningMethod):
             set_masks(model, keep_fraction(importance, fraction, scope="global", min_keep=min_keep))
 
         def finetune(_) -> None:
-            train_network(model, data.train, epochs=budget.finetune_epochs, lr=lr, batch_size=budget.batch_size,
-                          seed=seed + 1)
+            train_network(model, data.train, epochs=budget.finetune_epochs, lr=budget.finetune_lr_factor * lr,
+                          batch_size=budget.batch_size, seed=seed + 1)
 
         def measure(fraction: float, _, __) -> CurvePoint:
             return make_point(model, data, step=fraction)

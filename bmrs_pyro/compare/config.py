@@ -79,6 +79,7 @@ class CompareConfig:
     # The budget's defaults are the baselines' Budget defaults, not a copy of them.
     epochs: int = Budget.epochs
     finetune_epochs: int = Budget.finetune_epochs
+    finetune_lr_factor: float = Budget.finetune_lr_factor
     rounds: int = Budget.rounds
     round_epochs: int = Budget.round_epochs
     batch_size: int = Budget.batch_size
@@ -115,7 +116,8 @@ class CompareConfig:
 
     def budget(self) -> Budget:
         """The :class:`~bmrs_pyro.baselines.Budget` of every method."""
-        return Budget(epochs=self.epochs, finetune_epochs=self.finetune_epochs, rounds=self.rounds,
+        return Budget(epochs=self.epochs, finetune_epochs=self.finetune_epochs,
+                      finetune_lr_factor=self.finetune_lr_factor, rounds=self.rounds,
                       round_epochs=self.round_epochs, batch_size=self.batch_size, lr=self.lr)
 
     def model_kwargs(self) -> dict:
