@@ -15,11 +15,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["atomic_write_with", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "json_default"]
+__all__ = ["atomic_write_with", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "json_default",
+           "jsonable"]
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -83,6 +84,21 @@ def json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with tensors as lists, non-finite floats as strings and unknown objects as their repr."""
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return repr(v)
 
 
 def _finite(value: Any) -> Any:

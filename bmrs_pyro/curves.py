@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic_io import jsonable
 from .criteria import get_criterion
 from .structures import NORM_TYPES, StructureLinks, example_input, structure_map
 from .infer import evaluate, fit
@@ -213,21 +214,6 @@ def _point_dict(p: CurvePoint) -> dict:
     d = p.to_dict()
     d["step"] = jsonable(p.step)
     return d
-
-
-def jsonable(v: Any) -> Any:
-    """``v`` with tensors as lists, non-finite floats as strings and unknown objects as their repr."""
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else str(v)
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, Mapping):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    return repr(v)
 
 
 def sweep_fractions(num_structures: int, step: float = 0.05) -> list[float]:

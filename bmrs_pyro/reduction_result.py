@@ -3,12 +3,12 @@ and tie band, a per-layer table; ``apply()`` sets the masks)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
+from .atomic_io import jsonable
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ReductionResult:
         return {
             "method": self.method,
             "rule": self.rule,
-            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "options": jsonable(dict(self.options)),
             "fraction_removed": float(self.fraction_removed),
             "layers": {
                 site: {
@@ -111,11 +111,3 @@ class ReductionResult:
     __repr__ = __str__
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return repr(v)

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from ..checks import check_int
-from ..curves import CurvePoint, PruneCurve, jsonable
+from ..atomic_io import jsonable
+from ..curves import CurvePoint, PruneCurve
 
 
 @dataclass(frozen=True)
