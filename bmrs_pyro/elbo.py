@@ -176,14 +176,15 @@ class _NoiseELBOMessenger(Messenger):
     def observe_categorical(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """What ``pyro.sample("obs", Categorical(logits=logits), obs=y)`` in a data plate adds:
         sum_i log softmax(logits_i)[y_i], times the observed-site scales on the stack."""
-        check = is_validation_enabled() and logits.device.type == "cpu"  # no sync on a GPU
-        if check and not bool(torch.isfinite(logits).all()):  # as Categorical's validation
+        log_likelihood = -torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        # As Categorical's validation, but on the sum: non-finite logits make it NaN or -inf, and
+        # one scalar read is cheaper than a pass over the logits (no sync on a GPU).
+        if is_validation_enabled() and logits.device.type == "cpu" and not math.isfinite(log_likelihood.item()):
             raise ValueError("Expected parameter logits to be finite, found invalid values (nan/inf)")
         scale = 1.0
         for handler in _PYRO_STACK:
             if handler is not self:
                 scale = scale * getattr(handler, "scale", 1.0)
-        log_likelihood = -torch.nn.functional.cross_entropy(logits, y, reduction="sum")
         self.log_likelihood = self.log_likelihood + scale * log_likelihood
 
 

@@ -12,6 +12,7 @@ re-exported here.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -164,12 +165,14 @@ def run_epoch(step_loss: Callable, optimizer: torch.optim.Optimizer, batches: It
                 raise
             raise TrainingDivergedError(f"{name(len(values))}: non-finite values in the model: "
                                         f"{_first_line(err)}") from err
-        if not torch.isfinite(loss_value):
+        value = loss_value.item()  # one read of the scalar serves the check and the history
+        if not math.isfinite(value):
             detail = diagnose(loss_value) if diagnose is not None else (
-                f"the loss is {loss_value.item()} (check the learning rate and the data for NaN/inf)")
+                f"the loss is {value} (check the learning rate and the data for NaN/inf)")
             raise TrainingDivergedError(f"{name(len(values))}: {detail}")
         loss_value.backward()
-        value = sync_gradients(loss_value) if sync_gradients is not None else loss_value.item()
+        if sync_gradients is not None:
+            value = sync_gradients(loss_value)
         optimizer.step()
         if after_step is not None:
             after_step()
