@@ -225,7 +225,10 @@ def test_shared_fit_refuses_methods_with_different_warm_starts():
 
 @pytest.mark.slow
 def test_recipe_beats_svi_from_scratch_on_mnist1d():
-    """The default recipe against the pre-issue-11 training, same budget, same code path (~25 s)."""
+    """The default recipe against the pre-issue-11 training, same budget, same code path (~50 s).
+
+    32 epochs: the quarter warm start leaves 24 SVI epochs (at 16 epochs, 4 + 12, the two were
+    within 2 points: 42.3 against 40.6 % validation; at 32, 54.1 against 47.9 %)."""
     from bmrs_pyro.baselines import METHODS
     from bmrs_pyro.baselines.common import Budget
     from bmrs_pyro.data import load
@@ -234,7 +237,7 @@ def test_recipe_beats_svi_from_scratch_on_mnist1d():
     torch.set_num_threads(1)
     data = load("mnist1d", seed=0)
     method = METHODS["bmrs_n"]
-    budget = Budget(epochs=16, batch_size=64, finetune_epochs=0)
+    budget = Budget(epochs=32, batch_size=64, finetune_epochs=0)
     scores = {}
     for name, options in (("old", {"warm_start": 0.0}), ("recipe", {})):
         pyro.clear_param_store()
