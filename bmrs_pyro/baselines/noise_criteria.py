@@ -38,8 +38,8 @@ class NoiseCriterionMethod(PruningMethod):
     Deviations from the paper: a coarser grid (``fraction_step``, default 10 % steps instead of
     100 percentiles); fine-tuning per point is ``budget.finetune_epochs`` SVI epochs at
     ``budget.finetune_lr_factor`` of the training's learning rates (the paper: 1 epoch; 0 skips
-    it); the loss is the true ELBO (``kl_weight=1``) unless ``kl_weight`` is given, where the authors' code weighs the KL far
-    more heavily; the default BMRS_U lower bound is the layer's ``low`` rather than the code's
+    it); the loss is the true ELBO (``kl_weight=1``) unless ``kl_weight`` is given, where the
+    authors' code weighs the KL far more heavily; the default BMRS_U lower bound is the layer's ``low`` rather than the code's
     log 2^-23 (see :func:`bmrs_pyro.criteria.bmrs_u_score`).
 
     Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.25,

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from ..checks import check_int
+from ..checks import check_int, is_number
 from ..atomic_io import jsonable
 from ..curves import CurvePoint, PruneCurve
 
@@ -49,9 +49,8 @@ class Budget:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not self.lr > 0 or not math.isfinite(self.lr)):
             raise ValueError(f"budget lr must be a positive number or None, got {self.lr!r}")
-        f = self.finetune_lr_factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ValueError(f"budget finetune_lr_factor must be in (0, 1], got {f!r}")
+        if not (is_number(self.finetune_lr_factor) and 0 < self.finetune_lr_factor <= 1):
+            raise ValueError(f"budget finetune_lr_factor must be in (0, 1], got {self.finetune_lr_factor!r}")
 
     @classmethod
     def coerce(cls, budget: "Budget | Mapping[str, Any] | None") -> "Budget":
