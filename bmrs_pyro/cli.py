@@ -34,7 +34,7 @@ from .run_config import CONFIG_FILE, DEFAULT_PRUNE_EVERY, METRICS_FILE, RunConfi
 from .run_summary import format_summary
 from .runs import execute, stderr_log
 from bmrs_pyro.analysis.report import build_report
-from bmrs_pyro.models import MODELS
+from bmrs_pyro.models import MODELS, NORMS
 
 PROG = "bmrs"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -107,6 +107,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
                    help="hidden widths of the mlp, comma-separated")
     g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default=default(d.activation),
                    help="activation of the mlp")
+    g.add_argument("--norm", choices=NORMS, default=default(d.norm),
+                   help="batch: a BatchNorm before every activation of the mlp or lenet5")
 
     g = p.add_argument_group("pruning")
     g.add_argument("--method", choices=list(CRITERIA), default=default(d.method),
@@ -296,6 +298,8 @@ def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -
                    help="hidden widths of the mlp, comma-separated (default: 100,100)")
     g.add_argument("--activation", choices=("tanh", "relu", "gelu", "sigmoid"), default="tanh",
                    help="activation of the mlp")
+    g.add_argument("--norm", choices=NORMS, default="none",
+                   help="batch: a BatchNorm before every activation of the mlp or lenet5, for every method")
     g.add_argument("--methods", default="all", help=f"'all' or a comma-separated list of {', '.join(METHODS)}")
     g.add_argument("--seeds", type=int, default=d["seeds"].default, help="number of seeds (0..K-1)")
     g.add_argument("--subset", type=int, default=argparse.SUPPRESS,
@@ -346,7 +350,7 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
         raise ValueError("--hidden applies to --model mlp only")
     hidden = parse_hidden(given["hidden"]) if "hidden" in given else (100, 100)
     return CompareConfig(data=args.data, model=args.model, methods=tuple(resolve_methods(args.methods)),
-                         seeds=args.seeds, hidden=hidden, activation=args.activation, data_options=data_options,
+                         seeds=args.seeds, hidden=hidden, activation=args.activation, norm=args.norm, data_options=data_options,
                          output=args.output, name=given.get("name"), workers=args.workers, threads=args.threads,
                          overwrite=args.overwrite, **values)
 

@@ -26,7 +26,7 @@ from .infer import DEFAULT_PRUNE_WARMUP, History, warm_start_epochs_for
 from .criteria import CRITERIA, resolve_margin
 from .data import DATASETS
 from .runlock import RunLockedError, lock_holder
-from bmrs_pyro.models import MODELS
+from bmrs_pyro.models import MODELS, check_model_norm
 
 
 CONFIG_FILE = "config.json"
@@ -92,6 +92,7 @@ class RunConfig:
     model: str = "mlp"
     hidden: Optional[tuple[int, ...]] = (100, 100)
     activation: str = "tanh"
+    norm: str = "none"
     method: str = "bmrs_n"
     fraction: Optional[float] = None
     bits: int = 8
@@ -147,6 +148,7 @@ class RunConfig:
             raise ValueError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        check_model_norm(self.model, self.norm)
         if self.method not in CRITERIA:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(CRITERIA)}")
         positive_int("epochs", self.epochs)

@@ -78,6 +78,8 @@ def build_experiment(config: RunConfig) -> Experiment:
     kwargs: dict[str, Any] = {}
     if config.model == "mlp":
         kwargs = {"hidden": tuple(config.hidden or ()), "activation": config.activation}
+    if config.norm != "none":
+        kwargs["norm"] = config.norm
     model = build(config.model, splits.input_shape, splits.num_classes, **kwargs).to(device)
     guide = AutoTruncatedLogNormal(model).to(device)
     # An AutoGuide creates its parameters on its first call; do it now so that the optimizer and a

@@ -19,6 +19,25 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+#: Normalisations the builders accept by name: ``"none"``, or ``"batch"`` for a BatchNorm between
+#: each Linear/Conv and its activation (before the noise, so a removed structure is exactly zero).
+NORMS = ("none", "batch")
+
+
+def check_norm(norm: object) -> str:
+    """``norm`` checked against :data:`NORMS` (ValueError naming the choices)."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
+    return norm  # type: ignore[return-value]
+
+
+def norm_layers(norm: str, num: int, *, conv: bool) -> list[nn.Module]:
+    """``[]`` for ``"none"``, else the BatchNorm over ``num`` features (2d for convolutions)."""
+    if check_norm(norm) == "none":
+        return []
+    return [nn.BatchNorm2d(num) if conv else nn.BatchNorm1d(num)]
+
+
 def make_activation(name: str) -> nn.Module:
     """A fresh activation module for ``name`` (one of :data:`ACTIVATIONS`)."""
     if not isinstance(name, str) or name.lower() not in ACTIVATIONS:

@@ -8,7 +8,7 @@ from torch import nn
 
 from bmrs_pyro.nn import NoisyClassifier
 
-from ._common import NoiseFactory, as_pair, check_positive_int
+from ._common import NoiseFactory, check_norm, as_pair, check_positive_int, norm_layers
 
 _KERNEL = 5
 
@@ -52,6 +52,7 @@ def lenet5(
     *,
     width: int = 1,
     padding: Optional[int] = None,
+    norm: str = "none",
     noise: str = "example",
     low: float = -20.0,
     high: float = 0.0,
@@ -68,6 +69,8 @@ def lenet5(
         padding: zero padding of both convolutions. ``None`` (default) picks 0 when the input is
             large enough for the classic layout (it needs at least 16x16) and 2 otherwise, which
             keeps the spatial size through each conv, so 8x8 digits become 2x2 maps.
+        norm: ``"none"`` (default) or ``"batch"``: a BatchNorm after every conv and hidden
+            Linear, before its ReLU (the noise comes after the ReLU either way).
         noise, low, high: passed to every :class:`~bmrs_pyro.nn.MultiplicativeNoise`.
 
     Raises:
@@ -81,22 +84,27 @@ def lenet5(
     elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be None or an int >= 0, got {padding!r}")
     h, w = lenet_feature_size(input_size, padding)
+    check_norm(norm)
     make_noise = NoiseFactory(low=low, high=high, noise=noise)
     c1, c2, f1, f2 = 6 * width, 16 * width, 120 * width, 84 * width
     net = nn.Sequential(
         nn.Conv2d(in_channels, c1, _KERNEL, padding=padding),
+        *norm_layers(norm, c1, conv=True),
         nn.ReLU(),
         make_noise(c1, channel_dim=1),
         nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, _KERNEL, padding=padding),
+        *norm_layers(norm, c2, conv=True),
         nn.ReLU(),
         make_noise(c2, channel_dim=1),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(c2 * h * w, f1),
+        *norm_layers(norm, f1, conv=False),
         nn.ReLU(),
         make_noise(f1),
         nn.Linear(f1, f2),
+        *norm_layers(norm, f2, conv=False),
         nn.ReLU(),
         make_noise(f2),
         nn.Linear(f2, num_classes),

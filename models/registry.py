@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 from bmrs_pyro.nn import NoisyClassifier
 
+from ._common import check_norm
 from .lenet import lenet5
 from .mlp import mlp
 from .resnet import resnet
@@ -19,6 +20,18 @@ MODELS: dict[str, Callable[..., NoisyClassifier]] = {
     "resnet": resnet,
     "vit": vit,
 }
+
+
+#: Models that take ``norm`` (see :data:`NORMS`).
+NORM_MODELS = ("mlp", "lenet5")
+
+
+def check_model_norm(model: str, norm: object) -> str:
+    """``norm`` checked for ``model``: one of :data:`~bmrs_pyro.models.NORMS`, and ``"none"`` for models without a
+    ``norm`` option (resnet has its BatchNorms built in, vit its LayerNorms)."""
+    if check_norm(norm) != "none" and model not in NORM_MODELS:
+        raise ValueError(f"norm={norm!r} applies to {' and '.join(NORM_MODELS)} only, not to {model!r}")
+    return norm  # type: ignore[return-value]
 
 
 def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:

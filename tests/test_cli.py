@@ -329,6 +329,7 @@ def test_unknown_names_list_the_valid_ones(option, value, listed, capsys, tmp_pa
     (["--method", "bmrs_u", "--bits", "0"], "bits must be >= 1"),
     (["--method", "none", "--fraction", "0.5"], "--method none removes nothing"),
     (["--prune-start", "0"], "--prune-start: must be a positive integer"),
+    (["--model", "vit", "--norm", "batch"], "norm='batch' applies to mlp and lenet5 only"),
 ])
 def test_bad_values_are_refused_before_training(args, message, capsys, tmp_path, no_training):
     assert main(["run", *args, "--output", str(tmp_path / "o")]) == 2

@@ -238,8 +238,17 @@ def test_zoo_resnet_lenet_mlp():
         (lambda: resnet(8, 10, 3, width=4), torch.randn(3, 3, 8, 8)),
         (lambda: lenet5(1, 10, 8), torch.randn(3, 1, 8, 8)),
         (lambda: mlp(64, 10, hidden=(20, 20)), torch.randn(3, 1, 8, 8)),
+        (lambda: lenet5(1, 10, 8, norm="batch"), torch.randn(3, 1, 8, 8)),
+        (lambda: mlp(64, 10, hidden=(20, 20), norm="batch"), torch.randn(3, 1, 8, 8)),
     ]:
         zoo = builder()
+        for bn in (m for m in zoo.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            # Statistics and affine parameters away from the identity, so dropped entries matter.
+            with torch.no_grad():
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_()
+                bn.bias.normal_()
         model, guide = prepare(zoo.net, x, 10, seed=7)
         c = compact(model, guide, example_input=x)
         torch.testing.assert_close(c(x), masked_output(model, x), atol=ATOL, rtol=0)

@@ -215,9 +215,24 @@ def test_method_names_are_checked():
     (["--seeds", "0"], "seeds must be an integer >= 1"),
     (["--fraction-step", "0"], "fraction_step must be in (0, 1]"),
     (["--data", "mnist1d", "--model", "lenet5"], "lenet5 needs image inputs"),
+    (["--model", "vit", "--norm", "batch"], "norm='batch' applies to mlp and lenet5 only"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, needle):
     rc = main(["compare", "--quick", "--quiet", "--output", str(tmp_path)] + argv)
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not any(tmp_path.rglob("curves.json"))
+
+
+def test_norm_reaches_every_method_network_and_the_saved_settings():
+    from bmrs_pyro.compare import CompareConfig
+    from bmrs_pyro.compare.config import _builder
+    from bmrs_pyro.data import load
+
+    data = load("digits", seed=0)
+    for model, expected in (("mlp", torch.nn.BatchNorm1d), ("lenet5", torch.nn.BatchNorm2d)):
+        config = CompareConfig(model=model, methods="iap", norm="batch")
+        assert config.to_dict()["norm"] == "batch"
+        assert any(isinstance(m, expected) for m in _builder(config, data)().modules())
+    plain = CompareConfig(model="mlp", methods="iap")
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in _builder(plain, data)().modules())

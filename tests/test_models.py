@@ -8,7 +8,7 @@ from torch import nn
 
 from bmrs_pyro.guides import AutoTruncatedLogNormal
 from bmrs_pyro.infer import fit
-from bmrs_pyro.models import MODELS, bayesianize, build, lenet5, mlp, resnet, vit
+from bmrs_pyro.models import MODELS, bayesianize, build, check_model_norm, lenet5, mlp, resnet, vit
 from bmrs_pyro.nn import MultiplicativeNoise, NoisyClassifier, noise_mode, noise_modules
 
 NUM_CLASSES = 5
@@ -212,6 +212,33 @@ def test_lenet5_flatten_size_follows_input_size(input_size, padding, flat):
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     assert model(torch.randn(2, 1, h, w)).shape == (2, 10)
     assert lenet5(2, 10, input_size, padding=padding, width=2).net[9].in_features == 2 * flat
+
+
+def test_norm_batch_puts_a_batchnorm_between_each_weight_layer_and_its_activation():
+    seq = mlp(10, 3, hidden=(4, 5), activation="relu", norm="batch").net
+    assert [type(m) for m in seq] == [
+        nn.Flatten, nn.Linear, nn.BatchNorm1d, nn.ReLU, MultiplicativeNoise,
+        nn.Linear, nn.BatchNorm1d, nn.ReLU, MultiplicativeNoise, nn.Linear,
+    ]
+    assert [m.num_features for m in seq if isinstance(m, nn.BatchNorm1d)] == [4, 5]
+    seq = lenet5(1, 10, 8, norm="batch").net
+    assert [type(m) for m in seq] == [
+        nn.Conv2d, nn.BatchNorm2d, nn.ReLU, MultiplicativeNoise, nn.MaxPool2d,
+        nn.Conv2d, nn.BatchNorm2d, nn.ReLU, MultiplicativeNoise, nn.MaxPool2d, nn.Flatten,
+        nn.Linear, nn.BatchNorm1d, nn.ReLU, MultiplicativeNoise,
+        nn.Linear, nn.BatchNorm1d, nn.ReLU, MultiplicativeNoise, nn.Linear,
+    ]
+    assert [m.num_features for m in seq if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [6, 16, 120, 84]
+    # build passes norm through; models without the option refuse it instead of ignoring it.
+    assert any(isinstance(m, nn.BatchNorm1d) for m in build("mlp", (8,), 3, norm="batch").modules())
+    assert check_model_norm("lenet5", "batch") == "batch"
+    with pytest.raises(ValueError, match="applies to mlp and lenet5 only"):
+        check_model_norm("vit", "batch")
+    for bad in ("layer", None, "Batch"):
+        with pytest.raises(ValueError, match="unknown norm"):
+            mlp(4, 2, norm=bad)
+        with pytest.raises(ValueError, match="unknown norm"):
+            lenet5(norm=bad)
 
 
 def test_builder_errors_are_clear():

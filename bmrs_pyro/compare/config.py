@@ -15,7 +15,7 @@ from ..baselines.common import Budget
 from ..checks import check_int
 from ..data import DATASETS, load
 from ..nn import noise_modules
-from bmrs_pyro.models import MODELS
+from bmrs_pyro.models import MODELS, check_model_norm
 from bmrs_pyro.models.registry import build
 
 
@@ -67,7 +67,8 @@ class CompareConfig:
     ``fraction_step``: grid of the swept methods (noise criteria, RNI); ``warm_start``: share of
     ``epochs`` the noise criteria train deterministically before SVI (None: their default,
     :data:`bmrs_pyro.infer.WARM_START_FRACTION`; counted inside ``epochs``); ``hidden`` and
-    ``activation``: the mlp's; ``data_options``: passed to :func:`bmrs_pyro.data.load`
+    ``activation``: the mlp's; ``norm``: ``"none"`` or ``"batch"`` (a BatchNorm before every
+    activation of the mlp or lenet5, for every method); ``data_options``: passed to :func:`bmrs_pyro.data.load`
     (e.g. ``{"subset": 500}``); ``workers``: processes run in parallel (each with ``threads`` torch
     threads); ``overwrite``: replace an existing comparison folder.
     """
@@ -88,6 +89,7 @@ class CompareConfig:
     warm_start: Optional[float] = None
     hidden: Optional[tuple[int, ...]] = (100, 100)
     activation: str = "tanh"
+    norm: str = "none"
     data_options: dict = field(default_factory=dict)
     output: str = "compare"
     name: Optional[str] = None
@@ -106,6 +108,7 @@ class CompareConfig:
         for key in ("seeds", "workers", "threads"):
             value = getattr(self, key)
             check_int(key, value, minimum=1)
+        check_model_norm(self.model, self.norm)
         if not 0 < self.fraction_step <= 1:
             raise ValueError(f"fraction_step must be in (0, 1], got {self.fraction_step!r}")
         if self.warm_start is not None and (isinstance(self.warm_start, bool)
@@ -122,7 +125,10 @@ class CompareConfig:
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of :func:`bmrs_pyro.models.build` beyond shape and classes."""
-        return {"hidden": self.hidden, "activation": self.activation} if self.model == "mlp" else {}
+        kwargs = {"hidden": self.hidden, "activation": self.activation} if self.model == "mlp" else {}
+        if self.norm != "none":
+            kwargs["norm"] = self.norm
+        return kwargs
 
     def method_options(self, name: str) -> dict:
         """The options this comparison passes to method ``name`` (the sweep grid and the warm start
