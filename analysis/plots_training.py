@@ -53,8 +53,8 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
     Accepts a :class:`bmrs_pyro.infer.History`, a dict with ``"elbo"`` (and ``"events"``), a
     list of floats or inference data with a ``training`` group. Reductions (``"prune"`` events)
     are drawn as a step line of the structures kept (%, right axis) rather than one line each;
-    a resume (``"resume"`` event) and the start of fine-tuning (``"finetune"`` event, or
-    ``train_epochs``) are marked with labelled vertical lines. A deterministic warm start
+    a resume (``"resume"`` event), the learning-rate anneal (``"anneal_start"``) and the start of
+    fine-tuning (``"finetune"`` event, or ``train_epochs``) are marked with labelled vertical lines. A deterministic warm start
     (``history.warm_start``: theta = 1, no KL) comes first on the epoch axis, its log
     likelihood drawn dashed. The y range follows the ELBO after the first epochs (the first
     ones are far below and would flatten the rest); what it leaves out is said in the title.
@@ -107,6 +107,8 @@ def plot_elbo(history: Any, *, train_epochs: Optional[int] = None) -> Figure:
         handles, labels = handles + h2, labels + l2
     finetune_at = next((int(e["epoch"]) for e in marks if e.get("event") == "finetune"), train_epochs)
     for at, text, style in ([(int(e["epoch"]), "resumed", ":") for e in marks if e.get("event") == "resume"]
+                            + [(int(e["epoch"]), f"weights' rate x {float(e.get('factor', 0.1)):g}", "-.")
+                               for e in marks if e.get("event") == "anneal_start"]
                             + ([(finetune_at, "fine-tuning (masks frozen)", "--")]
                                if finetune_at is not None and 0 < finetune_at < total else [])):
         line = ax.axvline(at + 0.5, color=NEUTRAL, linestyle=style, linewidth=1.2)

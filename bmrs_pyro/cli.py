@@ -146,6 +146,10 @@ def _add_run_arguments(p: argparse.ArgumentParser, suppress: bool = False) -> No
     g.add_argument("--warm-start-epochs", type=arg_nonneg_int, default=default(d.warm_start_epochs),
                    help="of the --epochs, how many first train the deterministic network (theta = 1, no KL) "
                         "before SVI; counted inside --epochs. None: a quarter of --epochs (the training recipe)")
+    g.add_argument("--anneal-epochs", type=arg_nonneg_int, default=default(d.anneal_epochs),
+                   help="of the --epochs, how many last train the weights at a tenth of --lr (the variational "
+                        "parameters keep --guide-lr); fine-tuning goes on at that rate. None: a tenth of --epochs "
+                        "(the training recipe); 0: a constant rate")
     g.add_argument("--seed", type=arg_nonneg_int, default=default(d.seed), help="random seed (data split and training)")
     g.add_argument("--device", default=default(d.device), help="cpu or cuda (cuda:N)")
     g.add_argument("--threads", type=arg_positive_int, default=default(d.threads),
@@ -325,6 +329,9 @@ def _add_compare_arguments(p: argparse.ArgumentParser, suppress: bool = False) -
     g.add_argument("--warm-start", type=float, default=argparse.SUPPRESS,
                    help="noise criteria: share of --epochs trained deterministically (theta = 1) before SVI, "
                         "counted inside --epochs; 0 = SVI from the start (default: 0.25, the training recipe)")
+    g.add_argument("--anneal", type=float, default=argparse.SUPPRESS,
+                   help="noise criteria: share of --epochs, at the end, that trains the weights at a tenth of "
+                        "their rate; 0 = a constant rate (default: 0.1, the training recipe)")
     g.add_argument("--quick", action="store_true",
                    help=f"tiny budgets for a smoke test: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
     g = p.add_argument_group("running and output")
@@ -340,7 +347,7 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     """A :class:`CompareConfig` from parsed ``bmrs compare`` arguments."""
     given = vars(args)
     budget = {k: given[k] for k in ("epochs", "finetune_epochs", "finetune_lr_factor", "rounds", "round_epochs", "fraction_step",
-                                    "batch_size", "lr", "warm_start") if k in given}
+                                    "batch_size", "lr", "warm_start", "anneal") if k in given}
     values = dict(QUICK_BUDGET) if args.quick else {}
     subset = given.get("subset", values.pop("subset", None))
     values.pop("subset", None)

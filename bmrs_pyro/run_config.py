@@ -22,7 +22,7 @@ import torch
 import bmrs_pyro
 
 from .checks import is_number, nonneg_int, positive_int, positive_number
-from .infer import DEFAULT_PRUNE_WARMUP, History, warm_start_epochs_for
+from .infer import DEFAULT_PRUNE_WARMUP, History, anneal_epochs_for, warm_start_epochs_for
 from .criteria import CRITERIA, resolve_margin
 from .data import DATASETS
 from .runlock import RunLockedError, lock_holder
@@ -77,10 +77,11 @@ def parse_hidden(text: str | Sequence[int]) -> tuple[int, ...]:
 class RunConfig:
     """Every option of a run. ``config.json`` holds :meth:`to_dict` of the resolved config.
 
-    ``prune_every=None``, ``prune_start=None``, ``warm_start_epochs=None``, ``margin=None`` and
-    ``name=None`` are resolved by :meth:`resolved`: a deterministic warm start of
-    :data:`bmrs_pyro.infer.WARM_START_FRACTION` of ``epochs`` (the training recipe, see
-    :func:`bmrs_pyro.infer.fit`; counted inside ``epochs``); continuous pruning every
+    ``prune_every=None``, ``prune_start=None``, ``warm_start_epochs=None``, ``anneal_epochs=None``,
+    ``margin=None`` and ``name=None`` are resolved by :meth:`resolved`: a deterministic warm start
+    of :data:`bmrs_pyro.infer.WARM_START_FRACTION` of ``epochs`` and a learning-rate anneal of the
+    weights over the last :data:`bmrs_pyro.infer.ANNEAL_FRACTION` (the training recipe, see
+    :func:`bmrs_pyro.infer.fit`; both counted inside ``epochs``); continuous pruning every
     :data:`DEFAULT_PRUNE_EVERY` epochs for a threshold-free method without ``fraction`` (else 0,
     post-training only; ``none`` never prunes), the first reduction after a pruning warm-up of
     ``ceil(DEFAULT_PRUNE_WARMUP * SVI epochs)`` past the warm start; the BMRS margin 1 nat (0.919
@@ -107,6 +108,7 @@ class RunConfig:
     prune_start: Optional[int] = None
     finetune_epochs: int = 10
     warm_start_epochs: Optional[int] = None
+    anneal_epochs: Optional[int] = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -126,6 +128,8 @@ class RunConfig:
             cfg.prune_every = DEFAULT_PRUNE_EVERY if continuous else 0
         if cfg.warm_start_epochs is None and is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
             cfg.warm_start_epochs = warm_start_epochs_for(int(cfg.epochs))  # bad epochs: validate() says so
+        if cfg.anneal_epochs is None and is_number(cfg.epochs) and cfg.epochs == int(cfg.epochs) >= 1:
+            cfg.anneal_epochs = anneal_epochs_for(int(cfg.epochs))
         if cfg.prune_start is None and cfg.prune_every and isinstance(cfg.epochs, int):
             warm = cfg.warm_start_epochs if isinstance(cfg.warm_start_epochs, int) else 0
             cfg.prune_start = warm + max(1, math.ceil(DEFAULT_PRUNE_WARMUP * (cfg.epochs - warm)))
@@ -186,6 +190,12 @@ class RunConfig:
             if self.warm_start_epochs > self.epochs:
                 raise ValueError(f"warm_start_epochs ({self.warm_start_epochs}) is counted inside epochs "
                                  f"({self.epochs}) and cannot exceed it")
+        if self.anneal_epochs is not None:
+            nonneg_int("anneal_epochs", self.anneal_epochs)
+            if (self.warm_start_epochs or 0) + self.anneal_epochs > self.epochs:
+                raise ValueError(f"anneal_epochs ({self.anneal_epochs}) are the last SVI epochs: with "
+                                 f"warm_start_epochs ({self.warm_start_epochs or 0}) they cannot exceed epochs "
+                                 f"({self.epochs})")
         if not _has_rule(self.method) and self.fraction is None:
             raise ValueError(
                 f"method {self.method!r} ranks structures but has no threshold: pass --fraction <share to remove>, "

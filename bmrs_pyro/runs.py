@@ -35,7 +35,7 @@ import torch
 
 from .distributed import decide_on_rank0
 from .atomic_io import atomic_torch_save, atomic_write_json, atomic_write_with
-from .infer import History, _adam, evaluate, fit, warm_start_epochs_for
+from .infer import History, _adam, anneal_epochs_for, evaluate, fit, warm_start_epochs_for
 from .nn import noise_modules
 from .run_config import CHECKPOINT_FILE, COMPACTED_FILE, COMPACTED_STATE_FILE, CONFIG_FILE, FINAL_FILE, IDATA_FILE, METRICS_FILE, Experiment, RunConfig, _preflight_new, _refuse_existing_config, check_device, config_record, ensure_writable, trainable_parameters
 from .run_summary import compaction_summary, decision_summary, reduction_to_dict, structure_summary
@@ -121,7 +121,8 @@ def train(
     """Train ``exp`` from ``start_epoch`` to ``config.epochs`` with continuous pruning.
 
     The first ``warm_start_epochs`` epochs train the deterministic twin (theta = 1, no KL; see
-    :func:`bmrs_pyro.infer.fit`). Reductions happen after epoch ``prune_start`` (past the warm
+    :func:`bmrs_pyro.infer.fit`), the last ``anneal_epochs`` train the weights at a tenth of
+    ``lr``. Reductions happen after epoch ``prune_start`` (past the warm
     start) and then every ``prune_every`` epochs, counted from the start of training, also across
     a resume. A checkpoint is written to ``checkpoint`` after every epoch.
     """
@@ -131,12 +132,14 @@ def train(
     callback = _checkpoint_callback(exp, checkpoint)
     prune_every = cfg.prune_every or None
     warm = cfg.warm_start_epochs if cfg.warm_start_epochs is not None else warm_start_epochs_for(cfg.epochs)
+    anneal = cfg.anneal_epochs if cfg.anneal_epochs is not None else anneal_epochs_for(cfg.epochs)
     fit(exp.model, exp.guide, exp.data.train, epochs=cfg.epochs - start_epoch, batch_size=cfg.batch_size,
         lr=cfg.lr, kl_weight=cfg.kl_weight, seed=cfg.seed, callbacks=(callback,), device=str(exp.device),
         prune_every=prune_every, prune_method=cfg.method, prune_options=cfg.method_options,
         prune_start=(cfg.prune_start or warm + 1) if prune_every else None,
         progress=progress, start_epoch=start_epoch, optimizer=exp.optimizer, history=exp.history,
         warm_start_epochs=max(0, warm - start_epoch),
+        anneal_epochs=min(anneal, cfg.epochs - start_epoch),  # counted from the end, also across a resume
         rng_state=exp.rng_state if start_epoch else None)  # exact resume: continue the saved stream
     return exp.history
 
@@ -165,7 +168,8 @@ def finetune(exp: Experiment, *, progress: bool = True) -> History:
     """Train ``config.finetune_epochs`` more epochs with the masks frozen (no pruning).
 
     Pruned structures keep their variational parameters (``fit`` holds them:
-    :func:`bmrs_pyro.optim.freeze_pruned`); the ELBO of
+    :func:`bmrs_pyro.optim.freeze_pruned`); the weights go on at the learning rate training ended
+    with (after the default anneal, a tenth of ``lr``); the ELBO of
     these epochs is appended to the history after the training epochs.
     """
     cfg = exp.config

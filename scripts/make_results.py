@@ -256,7 +256,10 @@ def _noise_training() -> str:
     m = METHODS["bmrs_n"]
     d = m.defaults
     glr = f", variational parameters at {d['guide_lr']:g}" if "guide_lr" in d else ""
-    return f"true ELBO at `kl_weight={d['kl_weight']:g}`, Adam lr {m.lr:g} for the weights{glr}, as the method sets it"
+    recipe = (f"; the first {d['warm_start']:.0%} of the epochs train the deterministic twin (theta = 1), the last "
+              f"{d['anneal']:.0%} train the weights at a tenth of their rate" if "anneal" in d else "")
+    return (f"true ELBO at `kl_weight={d['kl_weight']:g}`, Adam lr {m.lr:g} for the weights{glr}, as the method "
+            f"sets it{recipe}")
 
 
 def _methods_list() -> str:

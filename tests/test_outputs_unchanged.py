@@ -22,11 +22,12 @@ METRICS_KEYS = {
     "pruning_events", "seconds", "seconds_total", "structures", "train_seconds", "warm_start",
 }
 # config.json gains keys on purpose: "nproc", the data-parallel ranks a resume must match (issue 14), and
-# "norm", the BatchNorm option of the zoo's mlp and lenet5 (issue 11).
+# "norm", the BatchNorm option of the zoo's mlp and lenet5, and "anneal_epochs", the learning-rate anneal of
+# the training recipe (both issue 11).
 CONFIG_KEYS = {
     "activation", "batch_size", "bits", "bmrs_pyro_version", "command", "data", "device", "epochs",
     "finetune_epochs", "fraction", "guide_lr", "hidden", "kl_weight", "latency_repeats", "lr", "margin",
-    "method", "model", "name", "norm", "nproc", "output", "posterior_samples", "prune_every", "prune_start", "pyro_version",
+    "anneal_epochs", "method", "model", "name", "norm", "nproc", "output", "posterior_samples", "prune_every", "prune_start", "pyro_version",
     "quiet", "reference_code", "report", "root", "seed", "threads", "torch_version", "warm_start_epochs",
 }
 COMPARE_FILES = {".lock", "accuracy_parameters.png", "accuracy_structures.png", "curves.json", "results.csv",

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from ..criteria import get_criterion
 from ..curves import CurvePoint, prune_and_measure, sweep, sweep_fractions
 from ..guides import AutoTruncatedLogNormal
-from ..infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for
+from ..infer import ANNEAL_FRACTION, WARM_START_FRACTION, anneal_epochs_for, evaluate, fit, warm_start_epochs_for
 from ..nn import noise_modules
 from ..pruner import reduce
 from .common import (Budget, MethodResult, PruningMethod, compression, last_within, removed_indices,
@@ -45,17 +45,21 @@ class NoiseCriterionMethod(PruningMethod):
     Training recipe (issue 11): the first ``warm_start`` share of ``budget.epochs`` (0.25,
     :data:`bmrs_pyro.infer.WARM_START_FRACTION`) trains the deterministic twin (theta = 1, no KL),
     the rest SVI, inside the same epoch budget as every other method (``fit(...,
-    warm_start_epochs=k)``); ``warm_start=0`` is SVI from the start, as before.
+    warm_start_epochs=k)``); ``warm_start=0`` is SVI from the start, as before. The last ``anneal``
+    share (0.1, :data:`bmrs_pyro.infer.ANNEAL_FRACTION`) trains the weights at a tenth of their
+    rate (``fit(..., anneal_epochs=k)``); ``anneal=0`` keeps the rate constant.
 
     Options: ``kl_weight`` (1.0), ``guide_lr`` (0.05, Adam rate of the variational parameters),
-    ``warm_start`` (0.25, share of the epochs trained deterministically first), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
+    ``warm_start`` (0.25, share of the epochs trained deterministically first), ``anneal`` (0.1,
+    share of the epochs, at the end, with the weights at a tenth of their rate), ``fraction_step`` (0.1), ``fractions`` (None: the grid),
     ``stop_tolerance`` (None), ``criterion_options`` (dict passed to ``reduce``, merged over the
     method's own, e.g. ``{"bits": 8}``).
     """
 
     # guide_lr: the variational parameters need a larger Adam rate than the weights to converge
     # in a small budget (see bmrs_pyro.infer.fit).
-    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "warm_start": WARM_START_FRACTION, "fraction_step": 0.1,
+    defaults = {"kl_weight": 1.0, "guide_lr": 0.05, "warm_start": WARM_START_FRACTION, "anneal": ANNEAL_FRACTION,
+                "fraction_step": 0.1,
                 "fractions": None, "stop_tolerance": None, "criterion_options": None}
 
     def __init__(self, name: str, criterion: str, cite: str, criterion_options: Optional[dict] = None,
@@ -85,8 +89,9 @@ class NoiseCriterionMethod(PruningMethod):
         # The warm start is counted inside budget.epochs (the same budget as every other method);
         # the fine-tuning fits of the sweep (train_options) are SVI only.
         warm = warm_start_epochs_for(budget.epochs, float(options["warm_start"]))
+        anneal = min(anneal_epochs_for(budget.epochs, float(options["anneal"])), budget.epochs - warm)
         history = fit(model, guide, data.train, epochs=budget.epochs, seed=seed, warm_start_epochs=warm,
-                      **train_options)
+                      anneal_epochs=anneal, **train_options)
         return FittedNoiseModel(
             model=model, guide=guide, history=history, train_options=train_options,
             num_structures=sum(layer.num_structures for layer in layers.values()),

@@ -66,7 +66,9 @@ class CompareConfig:
     ``epochs`` .. ``lr``: the :class:`~bmrs_pyro.baselines.Budget` every method gets;
     ``fraction_step``: grid of the swept methods (noise criteria, RNI); ``warm_start``: share of
     ``epochs`` the noise criteria train deterministically before SVI (None: their default,
-    :data:`bmrs_pyro.infer.WARM_START_FRACTION`; counted inside ``epochs``); ``hidden`` and
+    :data:`bmrs_pyro.infer.WARM_START_FRACTION`; counted inside ``epochs``); ``anneal``: share of
+    ``epochs``, at the end, in which the noise criteria train the weights at a tenth of their rate
+    (None: :data:`bmrs_pyro.infer.ANNEAL_FRACTION`); ``hidden`` and
     ``activation``: the mlp's; ``norm``: ``"none"`` or ``"batch"`` (a BatchNorm before every
     activation of the mlp or lenet5, for every method); ``data_options``: passed to :func:`bmrs_pyro.data.load`
     (e.g. ``{"subset": 500}``); ``workers``: processes run in parallel (each with ``threads`` torch
@@ -87,6 +89,7 @@ class CompareConfig:
     lr: Optional[float] = Budget.lr
     fraction_step: float = 0.1
     warm_start: Optional[float] = None
+    anneal: Optional[float] = None
     hidden: Optional[tuple[int, ...]] = (100, 100)
     activation: str = "tanh"
     norm: str = "none"
@@ -115,6 +118,9 @@ class CompareConfig:
                                             or not isinstance(self.warm_start, (int, float))
                                             or not 0 <= self.warm_start < 1):
             raise ValueError(f"warm_start must be a share of the epochs in [0, 1) or None, got {self.warm_start!r}")
+        if self.anneal is not None and (isinstance(self.anneal, bool) or not isinstance(self.anneal, (int, float))
+                                        or not 0 <= self.anneal < 1):
+            raise ValueError(f"anneal must be a share of the epochs in [0, 1) or None, got {self.anneal!r}")
         self.budget()  # validates epochs, rounds, batch size and lr
 
     def budget(self) -> Budget:
@@ -131,12 +137,14 @@ class CompareConfig:
         return kwargs
 
     def method_options(self, name: str) -> dict:
-        """The options this comparison passes to method ``name`` (the sweep grid and the warm start
-        where it has them)."""
+        """The options this comparison passes to method ``name`` (the sweep grid, the warm start and
+        the anneal where it has them)."""
         defaults = get_method(name).defaults
         options = {"fraction_step": self.fraction_step} if "fraction_step" in defaults else {}
         if self.warm_start is not None and "warm_start" in defaults:
             options["warm_start"] = float(self.warm_start)
+        if self.anneal is not None and "anneal" in defaults:
+            options["anneal"] = float(self.anneal)
         return options
 
     def to_dict(self) -> dict:

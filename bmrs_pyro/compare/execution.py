@@ -41,7 +41,7 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
     before asking for the next one. ``wall_time`` = fit + that method's own sweep.
 
     Raises ValueError if a name is not a noise criterion, or the methods would train differently
-    (learning rate, ``kl_weight``, ``guide_lr`` or ``warm_start``).
+    (learning rate, ``kl_weight``, ``guide_lr``, ``warm_start`` or ``anneal``).
     """
     methods = [get_method(n) for n in names]
     for m in methods:
@@ -50,9 +50,10 @@ def iter_noise_methods(names: Sequence[str], model_builder: Callable[[], torch.n
     budget = Budget.coerce(budget)
     opts = {m.name: m.check_options(dict((options or {}).get(m.name, {}))) for m in methods}
     training = {(budget.lr_or(m.lr), float(opts[m.name]["kl_weight"]), float(opts[m.name]["guide_lr"]),
-                 float(opts[m.name]["warm_start"])) for m in methods}
+                 float(opts[m.name]["warm_start"]), float(opts[m.name]["anneal"])) for m in methods}
     if len(training) > 1:
-        raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr, warm_start) {sorted(training)}; "
+        raise ValueError(f"the methods train with different (lr, kl_weight, guide_lr, warm_start, anneal) "
+                         f"{sorted(training)}; "
                          "run them apart")
     start = time.perf_counter()
     with pyro.get_param_store().scope():
