@@ -9,9 +9,12 @@ per-example noise, posterior init loc 0 / scale e^-5, constant learning rate, SV
 
     base, lr3e-3, lr1e-2, guide_lr1e-2, guide_lr=lr, global_noise, init_scale_e-8, init_loc-2,
     kl0.1, kl0, cosine (cosine decay of every learning rate to 0), epochs_x2, warm25/50/75 (% of
-    the epochs trained deterministically first, ``fit(warm_start_epochs=...)``), combinations,
-    and the chosen recipe (``recipe``: a warm start of ``WARM_START_FRACTION`` = 25 % of the
-    epochs, everything else as before).
+    the epochs trained deterministically first, ``fit(warm_start_epochs=...)``), combinations, and
+    the chosen recipe (``recipe``: a warm start of ``WARM_START_FRACTION`` = 25 % of the
+    epochs and the weights' learning-rate anneal over the last ``ANNEAL_FRACTION`` = 10 %,
+    everything else as before; ``warm25`` is the recipe without the anneal, ``anneal10`` the
+    anneal alone). ``--norm batch`` puts a BatchNorm before each activation (the ``make results``
+    networks).
 
 Every run prints one JSON line: the variant, seed, final train / validation / test accuracy
 (noise networks: E_q[theta] * mask, ``evaluate(mode="mean")``), the epochs and wall seconds; with
@@ -20,6 +23,7 @@ Every run prints one JSON line: the variant, seed, final train / validation / te
     python benchmarks/noise_training.py --quick           # ~1 min: few variants, 12 epochs
     python benchmarks/noise_training.py --seeds 0 1 --curves
     python benchmarks/noise_training.py --variants det base recipe --data digits
+    python benchmarks/noise_training.py --norm batch --variants det recipe warm25 --curves
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from bmrs_pyro.data import load  # noqa: E402
 from bmrs_pyro.guides import AutoTruncatedLogNormal  # noqa: E402
-from bmrs_pyro.infer import WARM_START_FRACTION, evaluate, fit, warm_start_epochs_for  # noqa: E402
+from bmrs_pyro.infer import (ANNEAL_FRACTION, WARM_START_FRACTION, anneal_epochs_for, evaluate, fit,  # noqa: E402
+                             warm_start_epochs_for)
 from bmrs_pyro.models import build  # noqa: E402
 from bmrs_pyro.nn import noise_mode  # noqa: E402
 
 #: The setting the noise criteria trained with before issue 11.
 BASE = {"lr": 1e-3, "guide_lr": 0.05, "kl_weight": 1.0, "noise": "example", "init_loc": 0.0,
-        "init_scale": math.exp(-5.0), "schedule": "constant", "epochs_factor": 1.0, "warm": 0.0}
+        "init_scale": math.exp(-5.0), "schedule": "constant", "epochs_factor": 1.0, "warm": 0.0, "anneal": 0.0}
 
 #: Each variant: the changes from BASE. "det*" variants train the deterministic twin instead.
 VARIANTS = {
@@ -74,34 +79,42 @@ VARIANTS = {
     "warm50_guide_lr1e-2": {"warm": 0.5, "guide_lr": 1e-2},
     "warm50_lr3e-3_guide_lr1e-2": {"warm": 0.5, "lr": 3e-3, "guide_lr": 1e-2},
     "warm50_lr3e-3_cosine_guide_lr1e-2": {"warm": 0.5, "lr": 3e-3, "schedule": "cosine", "guide_lr": 1e-2},
-    "recipe": {"warm": WARM_START_FRACTION},  # the chosen recipe: WARM_START_FRACTION of the epochs, nothing else changed
+    "anneal10": {"anneal": ANNEAL_FRACTION},
+    # the chosen recipe: the warm start and the anneal of fit, nothing else changed
+    "recipe": {"warm": WARM_START_FRACTION, "anneal": ANNEAL_FRACTION},
 }
 QUICK = ("det", "det_lr1e-3", "base", "kl0.1", "recipe")
 
 
-def task(name: str, model: str = "mlp"):
+def task(name: str, model: str = "mlp", norm: str = "none"):
     """Data splits and a builder of the task's noise network (MLP hidden 100-100 tanh, teacher-student
-    100; or the zoo's LeNet-5)."""
+    100; or the zoo's LeNet-5), with ``norm`` as the zoo takes it."""
     options = {"num_samples": 8000} if name == "teacher_student" else {}
     splits = load(name, **options)
     if model != "mlp":
         def build_zoo(noise: str = "example"):
-            return build(model, input_shape=splits.input_shape, num_classes=splits.num_classes, noise=noise)
+            return build(model, input_shape=splits.input_shape, num_classes=splits.num_classes, noise=noise,
+                         norm=norm)
         return splits, build_zoo
     hidden = (100,) if name == "teacher_student" else (100, 100)
     in_dim = int(torch.tensor(splits.input_shape).prod())
 
     def builder(noise: str = "example"):
         from bmrs_pyro.models import mlp
-        return mlp(in_dim, splits.num_classes, hidden=hidden, noise=noise)
+        return mlp(in_dim, splits.num_classes, hidden=hidden, noise=noise, norm=norm)
 
     return splits, builder
 
 
 def _accuracy_off(model, data) -> float:
     x, y = data
-    with torch.no_grad(), noise_mode(model, "off"):
-        return float((model.logits(x).argmax(-1) == y).float().mean())
+    was_training = model.training
+    model.eval()  # BatchNorm: running statistics, and leave them untouched
+    try:
+        with torch.no_grad(), noise_mode(model, "off"):
+            return float((model.logits(x).argmax(-1) == y).float().mean())
+    finally:
+        model.train(was_training)
 
 
 def _set_lr(optimizer, base_lrs, factor: float) -> None:
@@ -171,7 +184,7 @@ def run_noise(splits, builder, cfg: dict, epochs: int, batch_size: int, seed: in
 
     fit(model, guide, splits.train, epochs=epochs, batch_size=batch_size, lr=cfg["lr"], guide_lr=cfg["guide_lr"],
         kl_weight=cfg["kl_weight"], seed=seed, progress=False, optimizer=optimizer, callbacks=(callback,),
-        warm_start_epochs=warm)
+        warm_start_epochs=warm, anneal_epochs=min(anneal_epochs_for(epochs, cfg["anneal"]), epochs - warm))
     out = {"train": evaluate(model, guide, splits.train)["accuracy"], "val": evaluate(model, guide, splits.val)["accuracy"],
            "test": evaluate(model, guide, splits.test)["accuracy"], "warm_start_epochs": warm}
     # Where the posteriors of log theta ended: median loc and scale over all structures.
@@ -194,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="mlp", choices=("mlp", "lenet5"))
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--norm", default="none", choices=("none", "batch"), help="the zoo's norm option")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variants", nargs="+", default=None, choices=tuple(VARIANTS))
     p.add_argument("--curves", action="store_true", help="also print per-epoch train/val accuracy")
@@ -202,7 +216,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     variants = args.variants or (list(QUICK) if args.quick else list(VARIANTS))
     epochs = 12 if args.quick else args.epochs
-    splits, builder = task(args.data, args.model)
+    splits, builder = task(args.data, args.model, args.norm)
     for seed in args.seeds:
         for name in variants:
             cfg = dict(BASE, **VARIANTS[name])
@@ -210,7 +224,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             runner = run_deterministic if name.startswith("det") else run_noise
             out = runner(splits, builder, cfg, n_epochs, args.batch_size, seed, args.curves)
-            record = {"data": args.data, "model": args.model, "variant": name, "seed": seed, "epochs": n_epochs,
+            record = {"data": args.data, "model": args.model, "norm": args.norm, "variant": name, "seed": seed, "epochs": n_epochs,
                       **{k: v for k, v in cfg.items() if k != "epochs_factor"}, **out,
                       "seconds": round(time.perf_counter() - t0, 2)}
             print(json.dumps(record), flush=True)
