@@ -343,7 +343,8 @@ _LP_QUAD_V = 8.0
 # under a constant shift of y, so that rounding costs nothing to first order).
 _GL20_C1 = tuple(t - 0.5 for t in _GL20[0])
 _GL20_C2 = tuple(0.5 * (t * t - 1.0 / 3.0) for t in _GL20[0])
-_LP_CF_DEPTH = 32  # Laplace's continued fraction for y >= 5: relative error < 1e-12 there
+_LP_CF_DEPTH = 40  # Laplace's continued fraction for y >= 2: relative error < 1e-9 there
+_LP_TAIL_X = 2.0  # the KL's offset form from here (the textbook's gradient cancels ~x^4-fold)
 _LP_NEWTON = 4  # detached Newton steps of the float32 tail inverse (start error < 4 %)
 
 
@@ -486,8 +487,9 @@ def sample_sites_lp(loc, scale, low, high, sizes: Sequence[int], batch: int, *, 
 
 
 def _lp_gap_cf(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mills gap g(y) = phi(y)/Phi(-y) - y and u = 1 - y g for y >= 5, by Laplace's continued
-    fraction (no cancellation: erfcx's form would lose y^2 ~ 25+ ulps in float32)."""
+    """Mills gap g(y) = phi(y)/Phi(-y) - y and u = 1 - y g for y >= 2, by Laplace's continued
+    fraction (no cancellation, also in autograd; erfcx's form loses ~y^2 ulps in g and more in
+    u in float32)."""
     t = torch.zeros_like(y)
     for k in range(_LP_CF_DEPTH, 1, -1):
         t = torch.reciprocal(y + t) * float(k)
@@ -522,7 +524,8 @@ def _lp_kl_quad(x, w):
 
 def _lp_kl_textbook(a, b, w):
     """log w - log Z - log sqrt(2 pi e) - (a phi(a) - b phi(b)) / (2 Z), flipped frame, for
-    b >= -5 and V > 8: there Z >= 0.48 Phi(b) (no cancellation) and KL >= 0.6."""
+    b > -2 and V > 8: there Z >= 0.48 Phi(b) (no cancellation), KL >= 0.6, and the gradient's
+    terms (~b^2 phi(b)/Z) cancel at most ~25-fold."""
     z_mass = ndtr(b) - ndtr(a)
     pa = torch.exp(-0.5 * a * a) * (a / math.sqrt(2.0 * math.pi))
     pb = torch.exp(-0.5 * b * b) * (b / math.sqrt(2.0 * math.pi))
@@ -530,12 +533,13 @@ def _lp_kl_textbook(a, b, w):
 
 
 def _lp_kl_tail(x, w):
-    """KL in the offset form for x > 5 and V > 8: log w - Lambda(x) - log(1 - e^d) - x E[v]
-    - E[v^2]/2 - log sqrt(2 pi), the moments of v from the Mills gap (continued fraction)."""
+    """KL in the offset form for x >= 2 and V > 8: log w - Lambda(x) - log(1 - e^d) - x E[v]
+    - E[v^2]/2 - log sqrt(2 pi), the moments of v from the Mills gap (continued fraction): all
+    terms O(1) or O(log), so value and gradient keep float32's relative precision."""
     d = log_ndtr_ratio_offset(x, w)
     ed, em = torch.exp(d), -torch.expm1(d)
-    g0, u0 = _lp_gap_cf(x)
-    gw, uw = _lp_gap_cf(x + w)
+    g, u = _lp_gap_cf(torch.stack([x, x + w]))
+    g0, gw, u0, uw = g[0], g[1], u[0], u[1]
     m1 = (g0 - (w + gw) * ed) / em
     ev2 = (u0 - ed * (uw + 2.0 * w * gw + w * w)) / em
     lam = -torch.log(x) - torch.log1p(g0 / x) - LOG_SQRT_2PI
@@ -548,7 +552,8 @@ def kl_to_own_bounds_lp(loc, s, low, high, *, flipped=None) -> torch.Tensor:
     By regime, on V = the variation of the log density over the interval (flipped frame,
     V = (a^2 - max(b, 0)^2) / 2): V <= 8 Gauss-Legendre (:func:`_lp_kl_quad`, every regime of
     loc: nearly uniform, inside, far tails), else the textbook entropy when the near bound is
-    within 5 scales (:func:`_lp_kl_textbook`), else the offset form (:func:`_lp_kl_tail`).
+    within 2 scales or inside (:func:`_lp_kl_textbook`), else the offset form
+    (:func:`_lp_kl_tail`).
     Each branch sees harmless stand-ins where it is not used, so no inf/NaN reaches gradients.
     """
     dtype = loc.dtype
@@ -561,7 +566,7 @@ def kl_to_own_bounds_lp(loc, s, low, high, *, flipped=None) -> torch.Tensor:
     w = (high - low) / s
     var_v = w * (x + 0.5 * w) + torch.where(x < 0, 0.5 * x * x, 0.0)
     quad = var_v <= _LP_QUAD_V
-    text = ~quad & (b >= -_FAST_SAMPLE_X)
+    text = ~quad & (b > -_LP_TAIL_X)
     tail = ~quad & ~text
     kl = _lp_kl_quad(torch.where(quad, x, 0.0), torch.where(quad, w, 1.0))
     kl = torch.where(text, _lp_kl_textbook(torch.where(text, a, -5.0), torch.where(text, b, 5.0),
