@@ -348,8 +348,19 @@ _LP_TAIL_X = 2.0  # the KL's offset form from here (the textbook's gradient canc
 _LP_NEWTON = 4  # detached Newton steps of the float32 tail inverse (start error < 4 %)
 
 
-def _const(values, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
+_CONSTS: dict = {}
+
+
+def _const(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor of like's dtype and device (cached: no copy to a GPU per step)."""
+    key = (values, like.dtype, like.device)
+    found = _CONSTS.get(key)
+    if found is None:
+        if len(_CONSTS) > 64:
+            _CONSTS.clear()
+        with torch.inference_mode(False):  # an ordinary tensor even if first met under inference_mode
+            found = _CONSTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return found
 
 
 def _lp_exp_bounds(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -167,7 +167,7 @@ def test_float32_kl_matches_the_float64_kl(bounds):
     l64, s64 = loc.double().requires_grad_(), scale.double().requires_grad_()
     kl64 = kl_to_own_bounds(l64, s64, low.double(), high.double())
     assert float(kl64.detach().min()) < 1e-3 < 10.0 < float(kl64.detach().max())  # near-uniform and peaked posteriors
-    rel = float(((kl32.double() - kl64).abs() / kl64.abs()).max()) / EPS32
+    rel = float(((kl32.double() - kl64).abs() / kl64.abs()).detach().max()) / EPS32
     grads = []
     for g32, g64 in zip(torch.autograd.grad(kl32.sum(), [l32, s32]), torch.autograd.grad(kl64.sum(), [l64, s64])):
         assert bool(torch.isfinite(g32).all())
@@ -253,3 +253,12 @@ def test_a_forced_training_step_makes_no_float64_tensor(init_loc, noise, noisy_m
     assert _one_fit_step(init_loc, False, model_class).float64
     seen = _one_fit_step(init_loc, True, model_class).float64
     assert not seen, dict(seen)
+
+
+def test_cpu_twin_of_the_cuda_loss_check():
+    """tests/test_cuda.py's loss check (GPU float32 loss vs CPU float64 loss at the same
+    uniforms), run here with the forced switch standing in for the GPU."""
+    from test_cuda import _assert_losses_agree, _loss_and_grads
+
+    rel, worst = _assert_losses_agree(_loss_and_grads("cpu", forced=True), _loss_and_grads("cpu"))
+    print(f"\nforced CPU vs CPU loss: relative error {rel:.3g} (bound 1e-5); gradients worst {worst:.3g} (bound 1e-4)")
