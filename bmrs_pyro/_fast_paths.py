@@ -2,6 +2,9 @@
 float64 fallback for tail structures, and the KL to the prior by regime (textbook where exact,
 quadrature when nearly uniform, the careful statistics of :mod:`bmrs_pyro._truncnorm` in the
 tails). The distributions in :mod:`bmrs_pyro.distributions` and the one-pass loss use them.
+
+Off the CPU (a GPU), where float64 is slow, the section "Low precision" at the end replaces
+them for float32 models with forms that make no float64 tensor; the CPU keeps the float64 ones.
 """
 
 from __future__ import annotations

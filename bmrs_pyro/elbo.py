@@ -57,8 +57,9 @@ def _site_bounds(layers, sizes, like: torch.Tensor, with64: bool = True) -> tupl
 class _StepPosteriors:
     """Every noise site's posterior for one loss evaluation, computed for all sites at once.
 
-    The parameters of all sites are concatenated, so the analytic KL (float64 inside) and the
-    per-structure sampling constants cost one vectorised evaluation instead of one per site.
+    The parameters of all sites are concatenated, so the analytic KL (float64 inside on the CPU,
+    the model's dtype off it) and the per-structure sampling constants cost one vectorised
+    evaluation instead of one per site.
     When every site draws per-example noise, theta of all sites is drawn in one go too (same
     uniforms, site by site, as separate draws would use); a site met again in the same pass,
     or with another batch size, draws afresh from its own posterior.
