@@ -367,11 +367,13 @@ def _const(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def _lp_exp_bounds(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[e^low, e^high] in low's dtype, nudged one ulp inwards (e^0 = 1 is exact) so that a draw
-    clamped onto them also lies inside the float64-rounded support of the distribution."""
-    lo = torch.nextafter(torch.exp(low), torch.full_like(low, math.inf))
+    """[e^low, e^high] in low's dtype, nudged two ulps inwards (e^0 = 1 is exact), more than
+    the error of a float32 exp (<= 2 ulps on CUDA), so that a draw clamped onto them also lies
+    inside the support as the distribution states it (e^bound rounded from float64)."""
+    up, down = torch.full_like(low, math.inf), torch.zeros_like(high)
+    lo = torch.nextafter(torch.nextafter(torch.exp(low), up), up)
     e_high = torch.exp(high)
-    hi = torch.where(high == 0, e_high, torch.nextafter(e_high, torch.zeros_like(high)))
+    hi = torch.where(high == 0, e_high, torch.nextafter(torch.nextafter(e_high, down), down))
     return lo, hi
 
 

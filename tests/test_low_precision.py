@@ -262,3 +262,18 @@ def test_cpu_twin_of_the_cuda_loss_check():
 
     rel, worst = _assert_losses_agree(_loss_and_grads("cpu", forced=True), _loss_and_grads("cpu"))
     print(f"\nforced CPU vs CPU loss: relative error {rel:.3g} (bound 1e-5); gradients worst {worst:.3g} (bound 1e-4)")
+
+
+def test_forced_draws_lie_inside_the_stated_support():
+    """theta drawn on the low-precision path (clamped onto [e^low, e^high] in float32) passes
+    the distributions' own support check (e^bound rounded from float64), piled on a bound or not."""
+    loc = torch.tensor([5.0, -25.0, -20.0, 0.0, -3.0, -4.0])
+    scale = torch.tensor([1e-6, 1e-6, 1e-3, 1e-3, 1.0, 1e-8])
+    torch.manual_seed(2)
+    with _forced_low_precision():
+        for low, high in [(-20.0, 0.0), (-7.3, -1.1)]:
+            q = TruncatedLogNormal(loc, scale, low, high)
+            theta = q.expand((500, 6)).rsample()
+            assert theta.dtype == F32 and bool(q.support.check(theta).all())
+            prior = LogUniform(torch.full((6,), low), torch.full((6,), high))
+            assert bool(prior.support.check(prior.rsample((500,))).all())
