@@ -27,8 +27,12 @@ from bmrs_pyro._fast_paths import (  # noqa: F401  (sampler and KL names re-expo
     _fast_icdf,
     _fast_kl_ok,
     _fast_sample_ok,
+    _compute_dtype,
     _flipped_bounds,
     _icdf_draw,
+    _icdf_draw_lp,
+    _low_precision,
+    _lp_exp_bounds,
     _kl_textbook,
     _kl_tn_uniform_bounds,
     _uniform,
@@ -121,9 +125,16 @@ class TruncatedNormal(TorchDistribution):
         per-element work (one ndtri per draw) runs in the parameters' dtype when
         ``low_precision`` (float32 models: no float64 per element, see :func:`_fast_icdf`);
         the offset-form inverse (float64, float64 uniforms) is kept for the tail structures.
-        Without ``low_precision`` the result is float64.
+        Without ``low_precision`` the result is float64. Off the CPU (or under
+        ``_fast_paths._forced_low_precision()``) a float32 model's draws make no float64 at all
+        (:func:`bmrs_pyro._fast_paths._icdf_draw_lp`).
         """
         params = self.__dict__.get("_compact_params") or (self.loc, self.scale, self.low, self.high)
+        if low_precision and _low_precision(self.loc):
+            cdt = _compute_dtype(self.loc.dtype)
+            loc, scale, low, high = (t.to(cdt) for t in broadcast_all(*params))
+            u = _uniform(self._extended_shape(sample_shape), cdt, loc.device)
+            return _icdf_draw_lp(loc, scale, low, high, u, exp)
         loc, scale, low, high = (t.double() for t in broadcast_all(*params))
         dtype = self.loc.dtype if low_precision else torch.float64
         fast = _fast_sample_ok(loc, scale, low, high)
@@ -333,8 +344,16 @@ class LogUniform(TorchDistribution):
         return self._out(torch.log(hi - lo) + 0.5 * (lo + hi))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        """Reparameterised sample exp(low + u (high - low))."""
+        """Reparameterised sample exp(low + u (high - low)) (float64 inside on the CPU; in the
+        parameters' dtype off it, kept inside the support)."""
         shape = self._extended_shape(sample_shape)
+        if _low_precision(self.low):
+            cdt = _compute_dtype(self.low.dtype)
+            lo, hi = self.low.to(cdt), self.high.to(cdt)
+            u = torch.rand(shape, dtype=cdt, device=self.low.device)
+            e_lo, e_hi = _lp_exp_bounds(lo, hi)
+            theta = torch.exp(lo + u * (hi - lo))
+            return self._out(torch.where(theta < e_lo, e_lo, torch.where(theta > e_hi, e_hi, theta)))
         u = torch.rand(shape, dtype=torch.float64, device=self.low.device)
         lo, hi = self.low.double(), self.high.double()
         return self._out(torch.exp(torch.minimum(lo + u * (hi - lo), hi)))

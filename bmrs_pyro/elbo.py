@@ -27,7 +27,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
 from ._active_elbo import ACTIVE, active_noise_elbo  # noqa: F401  (re-exported)
-from ._fast_paths import _flipped_bounds
+from ._fast_paths import _compute_dtype, _flipped_bounds, _low_precision, kl_to_own_bounds_lp, sample_sites_lp
 from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
 from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, AutoTruncatedLogNormal
 
@@ -39,25 +39,27 @@ class _Unsupported(Exception):
 _BOUNDS_CACHE: dict = {}
 
 
-def _site_bounds(layers, sizes, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _site_bounds(layers, sizes, like: torch.Tensor, with64: bool = True) -> tuple[torch.Tensor, ...]:
     """Per-structure (low, high) of the concatenated sites in ``like``'s dtype and in float64
-    (cached: they are constants)."""
-    key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device)
+    (None, None without ``with64``: the low-precision path makes no float64 tensor; cached:
+    they are constants)."""
+    key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device, with64)
     found = _BOUNDS_CACHE.get(key)
     if found is None:
         if len(_BOUNDS_CACHE) > 64:
             _BOUNDS_CACHE.clear()
         low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
         high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
-        found = _BOUNDS_CACHE[key] = (low, high, low.double(), high.double())
+        found = _BOUNDS_CACHE[key] = (low, high) + ((low.double(), high.double()) if with64 else (None, None))
     return found
 
 
 class _StepPosteriors:
     """Every noise site's posterior for one loss evaluation, computed for all sites at once.
 
-    The parameters of all sites are concatenated, so the analytic KL (float64 inside) and the
-    per-structure sampling constants cost one vectorised evaluation instead of one per site.
+    The parameters of all sites are concatenated, so the analytic KL (float64 inside on the CPU,
+    the model's dtype off it) and the per-structure sampling constants cost one vectorised
+    evaluation instead of one per site.
     When every site draws per-example noise, theta of all sites is drawn in one go too (same
     uniforms, site by site, as separate draws would use); a site met again in the same pass,
     or with another batch size, draws afresh from its own posterior.
@@ -75,18 +77,28 @@ class _StepPosteriors:
         scale = torch.clamp(cat([p[1] for p in raw]), LOG_SCALE_MIN, LOG_SCALE_MAX).exp()
         split = (lambda t: t.split(sizes)) if len(sizes) > 1 else (lambda t: (t,))
         self.locs, self.scales = split(loc), split(scale)
-        low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
         # Each site's prior is log-uniform on its posterior's own bounds: KL with no bound terms,
-        # the same value kl_divergence(q, LogUniform(low, high)) gives.
-        loc64, scale64 = loc.double(), scale.double()
-        flipped = _flipped_bounds(loc64, scale64, low64, high64)  # shared by the KL and the sampler
-        kl = kl_to_own_bounds(loc64, scale64, low64, high64, flipped=flipped).to(loc.dtype)
+        # the same value kl_divergence(q, LogUniform(low, high)) gives. On the CPU the KL and the
+        # sampler's per-structure constants are float64; off it (a GPU) everything is in the
+        # model's dtype (bmrs_pyro._fast_paths, "Low precision").
+        low_precision = _low_precision(loc)
+        if low_precision:
+            low, high, _, _ = _site_bounds(self.layers, sizes, loc, with64=False)
+            cdt = _compute_dtype(loc.dtype)
+            flipped = _flipped_bounds(*(t.to(cdt) for t in (loc, scale, low, high)))
+            kl = kl_to_own_bounds_lp(loc, scale, low, high, flipped=flipped)
+        else:
+            low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
+            loc64, scale64 = loc.double(), scale.double()
+            flipped = _flipped_bounds(loc64, scale64, low64, high64)  # shared by the KL and the sampler
+            kl = kl_to_own_bounds(loc64, scale64, low64, high64, flipped=flipped).to(loc.dtype)
         self.kl_all = kl
         self.kls = split(kl)
         self.batch = batch
         self.thetas = None
         if all(l.noise == "example" for l in self.layers):
-            theta = sample_sites(loc, scale, low, high, sizes, batch, flipped=flipped)
+            sampler = sample_sites_lp if low_precision else sample_sites
+            theta = sampler(loc, scale, low, high, sizes, batch, flipped=flipped)
             self.thetas = list(theta.split(sizes, dim=-1)) if len(sizes) > 1 else [theta]
 
     def site(self, name: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
