@@ -27,18 +27,15 @@ from bmrs_pyro._fast_paths import (  # noqa: F401  (sampler and KL names re-expo
     _fast_icdf,
     _fast_kl_ok,
     _fast_sample_ok,
-    _compute_dtype,
     _flipped_bounds,
     _icdf_draw,
-    _icdf_draw_lp,
-    _low_precision,
-    _lp_exp_bounds,
     _kl_textbook,
     _kl_tn_uniform_bounds,
     _uniform,
     kl_to_own_bounds,
     sample_sites,
 )
+from bmrs_pyro._low_precision import _compute_dtype, _icdf_draw_lp, _low_precision, _lp_exp_bounds
 from bmrs_pyro._truncnorm import _Core, _check_interval, _check_scale, _log_expm1  # noqa: F401
 
 __all__ = ["TruncatedNormal", "TruncatedLogNormal", "LogUniform", "sample_sites"]
@@ -126,8 +123,8 @@ class TruncatedNormal(TorchDistribution):
         ``low_precision`` (float32 models: no float64 per element, see :func:`_fast_icdf`);
         the offset-form inverse (float64, float64 uniforms) is kept for the tail structures.
         Without ``low_precision`` the result is float64. Off the CPU (or under
-        ``_fast_paths._forced_low_precision()``) a float32 model's draws make no float64 at all
-        (:func:`bmrs_pyro._fast_paths._icdf_draw_lp`).
+        ``_low_precision._forced_low_precision()``) a float32 model's draws make no float64 at all
+        (:func:`bmrs_pyro._low_precision._icdf_draw_lp`).
         """
         params = self.__dict__.get("_compact_params") or (self.loc, self.scale, self.low, self.high)
         if low_precision and _low_precision(self.loc):

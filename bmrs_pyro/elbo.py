@@ -27,7 +27,8 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
 from ._active_elbo import ACTIVE, active_noise_elbo  # noqa: F401  (re-exported)
-from ._fast_paths import _compute_dtype, _flipped_bounds, _low_precision, kl_to_own_bounds_lp, sample_sites_lp
+from ._fast_paths import _flipped_bounds
+from ._low_precision import _compute_dtype, _low_precision, kl_to_own_bounds_lp, sample_sites_lp
 from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
 from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, AutoTruncatedLogNormal
 
@@ -80,7 +81,7 @@ class _StepPosteriors:
         # Each site's prior is log-uniform on its posterior's own bounds: KL with no bound terms,
         # the same value kl_divergence(q, LogUniform(low, high)) gives. On the CPU the KL and the
         # sampler's per-structure constants are float64; off it (a GPU) everything is in the
-        # model's dtype (bmrs_pyro._fast_paths, "Low precision").
+        # model's dtype (bmrs_pyro._low_precision).
         low_precision = _low_precision(loc)
         if low_precision:
             low, high, _, _ = _site_bounds(self.layers, sizes, loc, with64=False)

@@ -152,8 +152,9 @@ def _loss_and_grads(device: str, forced: bool = False, seed: int = 8):
     import pyro
 
     import bmrs_pyro._fast_paths as fast_paths
+    import bmrs_pyro._low_precision as low_precision
     from bmrs_pyro import AutoTruncatedLogNormal
-    from bmrs_pyro._fast_paths import _forced_low_precision
+    from bmrs_pyro._low_precision import _forced_low_precision
     from bmrs_pyro.elbo import MeanFieldNoiseELBO
     from bmrs_pyro.models import build
 
@@ -170,7 +171,8 @@ def _loss_and_grads(device: str, forced: bool = False, seed: int = 8):
         return torch.rand(shape, dtype=dtype, generator=gen).clamp(min=torch.finfo(dtype).tiny).to(dev)
 
     params = list(model.parameters()) + list(guide.parameters())
-    with mock.patch.object(fast_paths, "_uniform", uniform), (_forced_low_precision() if forced else _null()):
+    with mock.patch.object(fast_paths, "_uniform", uniform), mock.patch.object(low_precision, "_uniform", uniform), \
+            (_forced_low_precision() if forced else _null()):
         loss = MeanFieldNoiseELBO().differentiable_loss(model, guide, x.to(device), y.to(device))
     grads = torch.autograd.grad(loss, params)
     return loss.detach().cpu(), [g.cpu() for g in grads]

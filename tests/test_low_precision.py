@@ -24,13 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from bmrs_pyro import fit
-from bmrs_pyro._fast_paths import (
-    _FAST_SAMPLE_X,
-    _flipped_bounds,
+from bmrs_pyro._fast_paths import _FAST_SAMPLE_X, _flipped_bounds, kl_to_own_bounds
+from bmrs_pyro._low_precision import (
     _forced_low_precision,
     _icdf_draw_lp,
     _low_precision,
-    kl_to_own_bounds,
     kl_to_own_bounds_lp,
     sample_sites_lp,
 )
