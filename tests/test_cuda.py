@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from _low_precision_helpers import assert_losses_agree, float64_ops_in_one_fit_step, loss_and_grads
+
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False here "
                                                  "(scripts/gpu_check.sh runs these tests on a GPU machine)")
@@ -100,100 +102,16 @@ def test_two_gpus_nccl_match_one_process(tmp_path):
 # ---------------------------------------------------------------- the hot path in the model's dtype (issue 15)
 
 
-def _float64_ops_in_one_fit_step(device: str, init_loc: float) -> dict:
-    """Float64 tensors output by any op during fit(1 epoch, 1 batch) of a tiny zoo MLP."""
-    import collections
-
-    import pyro
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    from bmrs_pyro import AutoTruncatedLogNormal, fit
-    from bmrs_pyro.models import build
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.float64 = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                    self.float64[str(func)] += 1
-            return out
-
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    model = build("mlp", (12,), 3, hidden=(7, 5))
-    guide = AutoTruncatedLogNormal(model, init_loc=init_loc)
-    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
-    recorder = Recorder()
-    with recorder:
-        fit(model, guide, (x, y), epochs=1, batch_size=16, seed=0, device=device, progress=False)
-    return dict(recorder.float64)
-
-
 @pytest.mark.parametrize("init_loc", [0.0, 3.0])
 def test_a_cuda_training_step_makes_no_float64_tensor(init_loc):
     """On the GPU one training step (sampler, KL, likelihood, Adam) stays in float32 (init_loc 3:
     every structure in the tail sampler and the offset-form KL); the CPU step does use float64.
     tests/test_low_precision.py checks the same path on the CPU through _forced_low_precision()."""
-    assert _float64_ops_in_one_fit_step("cpu", init_loc)
-    assert _float64_ops_in_one_fit_step("cuda", init_loc) == {}
-
-
-def _loss_and_grads(device: str, forced: bool = False, seed: int = 8):
-    """The one-pass loss and its gradients for a tiny zoo MLP on ``device``, its uniforms drawn
-    on the CPU (so that every device sees the same ones) and moved to ``device``. All
-    structures are in the sampler's fast region, where the CPU path draws float32 uniforms too."""
-    from unittest import mock
-
-    import pyro
-
-    import bmrs_pyro._fast_paths as fast_paths
-    import bmrs_pyro._low_precision as low_precision
-    from bmrs_pyro import AutoTruncatedLogNormal
-    from bmrs_pyro._low_precision import _forced_low_precision
-    from bmrs_pyro.elbo import MeanFieldNoiseELBO
-    from bmrs_pyro.models import build
-
-    pyro.clear_param_store()
-    torch.manual_seed(4)
-    model = build("mlp", (12,), 3, hidden=(7, 5))
-    guide = AutoTruncatedLogNormal(model, init_loc=-0.4, init_scale=0.6)
-    x, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
-    guide(x, y)
-    model.to(device), guide.to(device)  # as fit(device=...) moves them
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(shape, dtype, dev):
-        return torch.rand(shape, dtype=dtype, generator=gen).clamp(min=torch.finfo(dtype).tiny).to(dev)
-
-    params = list(model.parameters()) + list(guide.parameters())
-    with mock.patch.object(fast_paths, "_uniform", uniform), mock.patch.object(low_precision, "_uniform", uniform), \
-            (_forced_low_precision() if forced else _null()):
-        loss = MeanFieldNoiseELBO().differentiable_loss(model, guide, x.to(device), y.to(device))
-    grads = torch.autograd.grad(loss, params)
-    return loss.detach().cpu(), [g.cpu() for g in grads]
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _assert_losses_agree(lp, ref) -> tuple[float, float]:
-    """Value within 1e-5 relative; gradients within 1e-4 (|g| + max|g| / 100). Returns the errors."""
-    (l_lp, g_lp), (l_ref, g_ref) = lp, ref
-    rel = abs(float(l_lp) - float(l_ref)) / abs(float(l_ref))
-    worst = max(float(((a - b).abs() / (b.abs() + b.abs().max() / 100 + 1e-30)).max()) for a, b in zip(g_lp, g_ref))
-    assert rel <= 1e-5 and worst <= 1e-4, (rel, worst)
-    return rel, worst
+    assert float64_ops_in_one_fit_step(init_loc)
+    assert float64_ops_in_one_fit_step(init_loc, device="cuda") == {}
 
 
 def test_cuda_loss_matches_the_cpu_float64_loss():
     """The GPU loss (float32 throughout) equals the CPU loss (float64 KL and constants) at the
     same uniforms, value and gradients."""
-    _assert_losses_agree(_loss_and_grads("cuda"), _loss_and_grads("cpu"))
+    assert_losses_agree(loss_and_grads("cuda"), loss_and_grads("cpu"))

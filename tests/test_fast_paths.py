@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from scipy import stats
 
+from _low_precision_helpers import zoo
 from bmrs_pyro.distributions import (
     TruncatedLogNormal,
     _Core,
@@ -25,8 +26,6 @@ from bmrs_pyro.distributions import (
     sample_sites,
 )
 from bmrs_pyro.elbo import MeanFieldNoiseELBO
-from bmrs_pyro.guides import AutoTruncatedLogNormal
-from bmrs_pyro.models.registry import build
 
 F32, F64 = torch.float32, torch.float64
 EPS32 = torch.finfo(F32).eps
@@ -135,12 +134,7 @@ def test_sample_sites_equals_separate_draws(tail: bool):
 
 
 def _zoo_model(mask_one: bool):
-    pyro.clear_param_store()
-    torch.manual_seed(4)
-    model = build("mlp", (12,), 3, hidden=(7, 5))
-    guide = AutoTruncatedLogNormal(model, init_loc=-0.4, init_scale=0.6)
-    x, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
-    guide(x, y)
+    model, guide, x, y = zoo()
     if mask_one:
         next(iter(guide.layers.values())).mask[2] = 0.0
     return model, guide, x, y

@@ -12,7 +12,6 @@ bounds, tails beyond 5 and 30 scales. Each test prints its worst error against i
 
 from __future__ import annotations
 
-import collections
 import contextlib
 
 import pyro
@@ -20,10 +19,9 @@ import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 from scipy import stats
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from bmrs_pyro import fit
+from _low_precision_helpers import (DtypeRecorder, assert_losses_agree, float64_ops_in_one_fit_step,
+                                    loss_and_grads, zoo)
 from bmrs_pyro._fast_paths import _FAST_SAMPLE_X, _flipped_bounds, kl_to_own_bounds
 from bmrs_pyro._low_precision import (
     _forced_low_precision,
@@ -35,8 +33,6 @@ from bmrs_pyro._low_precision import (
 from bmrs_pyro._truncnorm import _Core
 from bmrs_pyro.distributions import LogUniform, TruncatedLogNormal, TruncatedNormal
 from bmrs_pyro.elbo import MeanFieldNoiseELBO
-from bmrs_pyro.guides import AutoTruncatedLogNormal
-from bmrs_pyro.models.registry import build
 
 F32, F64 = torch.float32, torch.float64
 EPS32 = torch.finfo(F32).eps
@@ -56,21 +52,6 @@ def _regimes(loc, scale, low, high) -> dict[str, int]:
     return {"inside": int((b > 1).sum()), "near bound": int(((b <= 1) & (b >= -_FAST_SAMPLE_X)).sum()),
             "tail 5-30": int(((b < -5) & (b >= -30)).sum()), "tail > 30": int((b < -30).sum()),
             "narrow (w <= 1)": int((w <= 1).sum())}
-
-
-class DtypeRecorder(TorchDispatchMode):
-    """Counts, per aten op, the float64 tensors among every op's outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.float64 = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                self.float64[str(func)] += 1
-        return out
 
 
 def test_the_switch_is_off_the_cpu_or_forced_and_never_for_float64():
@@ -188,23 +169,13 @@ def test_registered_kl_stays_float64_under_the_switch():
     assert recorder.float64  # computed in float64 as before
 
 
-def _zoo(init_loc: float = -0.4, init_scale: float = 0.6, seed: int = 4):
-    pyro.clear_param_store()
-    torch.manual_seed(seed)
-    model = build("mlp", (12,), 3, hidden=(7, 5))
-    guide = AutoTruncatedLogNormal(model, init_loc=init_loc, init_scale=init_scale)
-    x, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
-    guide(x, y)
-    return model, guide, x, y
-
-
 @pytest.mark.parametrize("init", [(-0.4, 0.6), (-3.0, 2.0), (-12.0, 4.0)])
 def test_forced_loss_equals_trace_mean_field(init):
     """The forced one-pass loss (float32 draws and KL) equals Pyro's TraceMeanField_ELBO on
     the float64-inside CPU path at the same seed (every structure in the fast region, so both
     draw the same float32 uniforms): value within 1e-5 relative, gradients within
     1e-4 (|g| + max|g|/100)."""
-    model, guide, x, y = _zoo(*init)
+    model, guide, x, y = zoo(*init)
     params = list(model.parameters()) + list(guide.parameters())
     results = []
     for forced in (True, False):
@@ -214,31 +185,8 @@ def test_forced_loss_equals_trace_mean_field(init):
             loss = elbo.differentiable_loss(model, guide, x, y)
         assert loss.dtype == F32
         results.append((loss, torch.autograd.grad(loss, params)))
-    (l_lp, g_lp), (l_ref, g_ref) = results
-    rel = abs(l_lp.item() - l_ref.item()) / abs(l_ref.item())
-    worst = 0.0
-    for a, b in zip(g_lp, g_ref):
-        scale = b.abs() + b.abs().max() / 100 + 1e-30
-        worst = max(worst, float(((a - b).abs() / scale).max()))
+    rel, worst = assert_losses_agree(*results)
     print(f"\ninit {init}: loss relative error {rel:.3g} (bound 1e-5); gradients worst {worst:.3g} (bound 1e-4)")
-    assert rel <= 1e-5
-    assert worst <= 1e-4
-
-
-def _one_fit_step(init_loc: float, forced: bool, model_class=None) -> DtypeRecorder:
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    if model_class is None:
-        model = build("mlp", (12,), 3, hidden=(7, 5))
-    else:
-        model = model_class((12, 7, 5, 3), noise="global")
-    guide = AutoTruncatedLogNormal(model, init_loc=init_loc)
-    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
-    recorder = DtypeRecorder()
-    with _forced_low_precision() if forced else contextlib.nullcontext(), recorder:
-        fit(model, guide, (x, y), epochs=1, batch_size=16, seed=0, progress=False)
-    assert all(torch.isfinite(p).all() for p in guide.parameters())
-    return recorder
 
 
 @pytest.mark.parametrize("init_loc, noise", [(0.0, "example"), (3.0, "example"), (3.0, "global")])
@@ -248,17 +196,15 @@ def test_a_forced_training_step_makes_no_float64_tensor(init_loc, noise, noisy_m
     bound, the tail sampler and the offset-form KL; global noise: the distributions' own
     rsample). The same recorder sees float64 on the ordinary CPU path, so the check can fail."""
     model_class = noisy_mlp if noise == "global" else None
-    assert _one_fit_step(init_loc, False, model_class).float64
-    seen = _one_fit_step(init_loc, True, model_class).float64
+    assert float64_ops_in_one_fit_step(init_loc, model_class=model_class)
+    seen = float64_ops_in_one_fit_step(init_loc, forced=True, model_class=model_class)
     assert not seen, dict(seen)
 
 
 def test_cpu_twin_of_the_cuda_loss_check():
     """tests/test_cuda.py's loss check (GPU float32 loss vs CPU float64 loss at the same
     uniforms), run here with the forced switch standing in for the GPU."""
-    from test_cuda import _assert_losses_agree, _loss_and_grads
-
-    rel, worst = _assert_losses_agree(_loss_and_grads("cpu", forced=True), _loss_and_grads("cpu"))
+    rel, worst = assert_losses_agree(loss_and_grads("cpu", forced=True), loss_and_grads("cpu"))
     print(f"\nforced CPU vs CPU loss: relative error {rel:.3g} (bound 1e-5); gradients worst {worst:.3g} (bound 1e-4)")
 
 
