@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .batching import Data, as_tensors, check_positive, dataset_size, iterate_batches, num_batches
 from .callbacks import DEFAULT_PRUNE_WARMUP, PruneEvery
-from .checks import check_data
+from .checks import check_data, is_number
 from .distributed import resolve as resolve_distributed
 from .elbo import MeanFieldNoiseELBO, WeightedTrace_ELBO, WeightedTraceMeanField_ELBO, check_kl_weight
 from .evaluation import _evaluate, evaluate  # noqa: F401  (re-exported)
@@ -52,10 +52,15 @@ def warm_start_epochs_for(epochs: int, fraction: float = WARM_START_FRACTION) ->
     """The warm-start epochs of a budget: ``round(fraction * epochs)``, at most ``epochs - 1`` so
     that at least one SVI epoch remains (0 for ``fraction`` 0). Raises ValueError unless
     ``0 <= fraction < 1``."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"the warm-start fraction must be in [0, 1), got {fraction!r}")
+    _check_fraction("warm-start", fraction)
     check_positive("epochs", epochs, int)
     return min(int(round(fraction * epochs)), epochs - 1)
+
+
+def _check_fraction(what: str, fraction) -> None:
+    """ValueError unless ``fraction`` is a share of an epoch budget in [0, 1)."""
+    if not is_number(fraction) or not 0 <= fraction < 1:
+        raise ValueError(f"the {what} fraction must be in [0, 1), got {fraction!r}")
 
 
 #: The training recipe's learning-rate anneal (issue 11): ``bmrs run``, ``bmrs compare`` and
@@ -70,8 +75,7 @@ ANNEAL_FACTOR = 0.1
 def anneal_epochs_for(epochs: int, fraction: float = ANNEAL_FRACTION) -> int:
     """The anneal epochs of a budget: ``round(fraction * epochs)`` (0 for ``fraction`` 0).
     Raises ValueError unless ``0 <= fraction < 1``."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-        raise ValueError(f"the anneal fraction must be in [0, 1), got {fraction!r}")
+    _check_fraction("anneal", fraction)
     check_positive("epochs", epochs, int)
     return int(round(fraction * epochs))
 
@@ -83,6 +87,12 @@ def _set_weight_lr(optimizer: torch.optim.Optimizer, guide, rate: float) -> None
     for group in optimizer.param_groups:
         if any(id(p) not in variational for p in group["params"]):
             group["lr"] = rate
+
+
+def _check_epoch_share(name: str, value, most: int, most_text: str, why: str) -> None:
+    """ValueError unless ``value`` is an int in [0, ``most``] (a part of ``fit``'s epochs)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise ValueError(f"{name} must be an int in [0, {most_text}] ({why}), got {value!r}")
 
 
 class TrainingDivergedError(ValueError):
@@ -328,14 +338,10 @@ def fit(
         elbo = loss
     else:
         elbo = make_elbo(loss, kl_weight=kl_weight)
-    if isinstance(warm_start_epochs, bool) or not isinstance(warm_start_epochs, int) or not (
-            0 <= warm_start_epochs <= epochs):
-        raise ValueError(f"warm_start_epochs must be an int in [0, epochs={epochs}] (the warm start is counted "
-                         f"inside epochs), got {warm_start_epochs!r}")
-    if isinstance(anneal_epochs, bool) or not isinstance(anneal_epochs, int) or not (
-            0 <= anneal_epochs <= epochs - warm_start_epochs):
-        raise ValueError(f"anneal_epochs must be an int in [0, epochs - warm_start_epochs = "
-                         f"{epochs - warm_start_epochs}] (the anneal is the end of the SVI epochs), got {anneal_epochs!r}")
+    _check_epoch_share("warm_start_epochs", warm_start_epochs, epochs, f"epochs={epochs}",
+                       "the warm start is counted inside epochs")
+    _check_epoch_share("anneal_epochs", anneal_epochs, epochs - warm_start_epochs,
+                       f"epochs - warm_start_epochs = {epochs - warm_start_epochs}", "the anneal is the end of the SVI epochs")
     check_positive("anneal_factor", anneal_factor)
     if prune_every is not None:
         callbacks = [PruneEvery(prune_every, prune_method, prune_options, start=prune_start), *callbacks]

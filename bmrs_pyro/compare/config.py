@@ -12,7 +12,7 @@ import torch
 
 from ..baselines import METHODS, get_method
 from ..baselines.common import Budget
-from ..checks import check_int
+from ..checks import check_int, is_number
 from ..data import DATASETS, load
 from ..nn import noise_modules
 from bmrs_pyro.models import MODELS, check_model_norm
@@ -114,13 +114,10 @@ class CompareConfig:
         check_model_norm(self.model, self.norm)
         if not 0 < self.fraction_step <= 1:
             raise ValueError(f"fraction_step must be in (0, 1], got {self.fraction_step!r}")
-        if self.warm_start is not None and (isinstance(self.warm_start, bool)
-                                            or not isinstance(self.warm_start, (int, float))
-                                            or not 0 <= self.warm_start < 1):
-            raise ValueError(f"warm_start must be a share of the epochs in [0, 1) or None, got {self.warm_start!r}")
-        if self.anneal is not None and (isinstance(self.anneal, bool) or not isinstance(self.anneal, (int, float))
-                                        or not 0 <= self.anneal < 1):
-            raise ValueError(f"anneal must be a share of the epochs in [0, 1) or None, got {self.anneal!r}")
+        for key in ("warm_start", "anneal"):  # shares of the epochs for the noise criteria's recipe
+            value = getattr(self, key)
+            if value is not None and (not is_number(value) or not 0 <= value < 1):
+                raise ValueError(f"{key} must be a share of the epochs in [0, 1) or None, got {value!r}")
         self.budget()  # validates epochs, rounds, batch size and lr
 
     def budget(self) -> Budget:
@@ -141,10 +138,9 @@ class CompareConfig:
         the anneal where it has them)."""
         defaults = get_method(name).defaults
         options = {"fraction_step": self.fraction_step} if "fraction_step" in defaults else {}
-        if self.warm_start is not None and "warm_start" in defaults:
-            options["warm_start"] = float(self.warm_start)
-        if self.anneal is not None and "anneal" in defaults:
-            options["anneal"] = float(self.anneal)
+        for key in ("warm_start", "anneal"):
+            if getattr(self, key) is not None and key in defaults:
+                options[key] = float(getattr(self, key))
         return options
 
     def to_dict(self) -> dict:
