@@ -401,7 +401,9 @@ def _execute(config: RunConfig, *, run_dir: Path, resume: bool, log: Log, progre
                 else "post-training pruning")
         warm = max(0, (config.warm_start_epochs or 0) - start)
         warm_note = f"the first {warm} deterministic (theta = 1), then SVI; " if warm else ""
-        log(f"training {config.epochs - start} epochs ({warm_note}{mode}, kl_weight={config.kl_weight:g})")
+        anneal = min(config.anneal_epochs or 0, config.epochs - start)
+        anneal_note = f"the last {anneal} with the weights at a tenth of --lr; " if anneal else ""
+        log(f"training {config.epochs - start} epochs ({warm_note}{anneal_note}{mode}, kl_weight={config.kl_weight:g})")
         train(exp, start_epoch=start, checkpoint=ckpt, progress=progress)
     # "Before": the trained network as it stands before the final reduction and fine-tuning, with
     # every mask set to 1 (structures removed by continuous pruning switched back on).
