@@ -56,7 +56,7 @@ def _finish64(z, low, high, dtype, exp):
     return torch.minimum(torch.maximum(theta, _exp_bound(low).to(dtype)), _exp_bound(high).to(dtype))
 
 
-def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False, flipped=None):
+def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False, flipped=None, consts=None, exp_bounds=None):
     """Draws loc + scale * Phi^-1(Phi(a) + u Z) in the flipped frame (mass in the lower tail).
 
     Sampling in the flipped frame with u itself (rather than 1 - u) is the same distribution
@@ -70,9 +70,15 @@ def _fast_icdf(loc, scale, low, high, u, *, dtype=None, exp=False, flipped=None)
     size of z's own rounding when scale is no larger than the support's scale
     (tested against the float64 inverse at the same u). With ``exp`` it returns theta = e^z,
     kept inside [e^low, e^high] as rounded in ``dtype``. ``flipped``: :func:`_flipped_bounds` of
-    these parameters when the caller has it already.
+    these parameters when the caller has it already. ``consts`` (with ``exp_bounds``, then
+    ``low``, ``high`` and ``flipped`` are not used): the eight per-structure constants below,
+    float64, stacked (8, S), and [e^low, e^high] in ``dtype``, from a caller that formed them
+    with other work (:mod:`bmrs_pyro._fused_step`).
     """
     dtype = u.dtype if dtype is None else dtype
+    if consts is not None:
+        return _FastIcdf.apply(loc.to(dtype), scale.to(dtype), u.to(dtype), consts.to(dtype).unbind(0),
+                               *exp_bounds, exp)
     with torch.no_grad():
         flip, a, b = _flipped_bounds(loc, scale, low, high) if flipped is None else flipped
         cdf_a, sf_b = ndtr(a), ndtr(-b)
@@ -165,17 +171,20 @@ class _FastIcdf(torch.autograd.Function):
         return grad_loc, grad_scale, None, None, None, None, None
 
 
-def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp, flipped=None):
+def _icdf_draw(loc, scale, low, high, u, fast, dtype, exp, flipped=None, consts=None, exp_bounds=None):
     """icdf(u) (e^icdf(u) with ``exp``) in ``dtype``: the textbook inverse on the structures in
-    ``fast`` (per-element work in ``dtype``), the float64 offset form on the others."""
+    ``fast`` (per-element work in ``dtype``), the float64 offset form on the others.
+    ``consts``, ``exp_bounds``: :func:`_fast_icdf`'s, for every structure (used on ``fast``)."""
     if bool(fast.all()):
-        return _fast_icdf(loc, scale, low, high, u, dtype=dtype, exp=exp, flipped=flipped)
+        return _fast_icdf(loc, scale, low, high, u, dtype=dtype, exp=exp, flipped=flipped, consts=consts,
+                          exp_bounds=exp_bounds)
     u = u.double()
     if not bool(fast.any()) or loc.dim() != 1:
         return _finish64(_Core(loc, scale, low, high).icdf(u), low, high, dtype, exp)
     idx_fast, idx_slow = fast.nonzero().squeeze(-1), (~fast).nonzero().squeeze(-1)
+    extra = {} if consts is None else {"consts": consts[:, idx_fast], "exp_bounds": [b[idx_fast] for b in exp_bounds]}
     z_fast = _fast_icdf(loc[idx_fast], scale[idx_fast], low[idx_fast], high[idx_fast],
-                        u[..., idx_fast].to(dtype), dtype=dtype, exp=exp)
+                        u[..., idx_fast].to(dtype), dtype=dtype, exp=exp, **extra)
     z_slow = _Core(loc[idx_slow], scale[idx_slow], low[idx_slow], high[idx_slow]).icdf(u[..., idx_slow])
     z_slow = _finish64(z_slow, low[idx_slow], high[idx_slow], dtype, exp)
     order = torch.argsort(torch.cat([idx_fast, idx_slow]))

@@ -27,7 +27,8 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
 from ._active_elbo import ACTIVE, active_noise_elbo  # noqa: F401  (re-exported)
-from ._fast_paths import _flipped_bounds
+from ._fast_paths import _exp_bound, _flipped_bounds
+from ._fused_step import step_kl_and_theta
 from ._low_precision import _compute_dtype, _low_precision, kl_to_own_bounds_lp, sample_sites_lp
 from .distributions import TruncatedLogNormal, kl_to_own_bounds, sample_sites
 from .guides import LOG_SCALE_MAX, LOG_SCALE_MIN, AutoTruncatedLogNormal
@@ -41,17 +42,20 @@ _BOUNDS_CACHE: dict = {}
 
 
 def _site_bounds(layers, sizes, like: torch.Tensor, with64: bool = True) -> tuple[torch.Tensor, ...]:
-    """Per-structure (low, high) of the concatenated sites in ``like``'s dtype and in float64
-    (None, None without ``with64``: the low-precision path makes no float64 tensor; cached:
-    they are constants)."""
+    """Per-structure (low, high) of the concatenated sites in ``like``'s dtype and in float64, and
+    (e^low, e^high) rounded from float64 to ``like``'s dtype (the float64 ones None without
+    ``with64``: the low-precision path makes no float64 tensor; cached: they are constants)."""
     key = (tuple((l.low, l.high) for l in layers), tuple(sizes), like.dtype, like.device, with64)
     found = _BOUNDS_CACHE.get(key)
     if found is None:
         if len(_BOUNDS_CACHE) > 64:
             _BOUNDS_CACHE.clear()
-        low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
-        high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
-        found = _BOUNDS_CACHE[key] = (low, high) + ((low.double(), high.double()) if with64 else (None, None))
+        with torch.inference_mode(False):  # ordinary tensors even if first met under inference_mode
+            low = torch.cat([like.new_full((n,), l.low) for l, n in zip(layers, sizes)])
+            high = torch.cat([like.new_full((n,), l.high) for l, n in zip(layers, sizes)])
+            bounds64 = (low.double(), high.double()) if with64 else (None, None)
+            exp_bounds = (_exp_bound(low), _exp_bound(high)) if with64 else (None, None)
+        found = _BOUNDS_CACHE[key] = (low, high) + bounds64 + exp_bounds
     return found
 
 
@@ -83,23 +87,30 @@ class _StepPosteriors:
         # sampler's per-structure constants are float64; off it (a GPU) everything is in the
         # model's dtype (bmrs_pyro._low_precision).
         low_precision = _low_precision(loc)
+        per_example = all(l.noise == "example" for l in self.layers)
+        theta = None
         if low_precision:
-            low, high, _, _ = _site_bounds(self.layers, sizes, loc, with64=False)
+            low, high, _, _, _, _ = _site_bounds(self.layers, sizes, loc, with64=False)
             cdt = _compute_dtype(loc.dtype)
             flipped = _flipped_bounds(*(t.to(cdt) for t in (loc, scale, low, high)))
             kl = kl_to_own_bounds_lp(loc, scale, low, high, flipped=flipped)
+            if per_example:
+                theta = sample_sites_lp(loc, scale, low, high, sizes, batch, flipped=flipped)
+        elif loc.dtype != torch.float64:  # the KL and the sampler's constants formed once, float64
+            _, _, low64, high64, e_low, e_high = _site_bounds(self.layers, sizes, loc)
+            kl, theta = step_kl_and_theta(loc, scale, low64, high64, (e_low, e_high), sizes,
+                                          batch if per_example else None)
         else:
-            low, high, low64, high64 = _site_bounds(self.layers, sizes, loc)
-            loc64, scale64 = loc.double(), scale.double()
-            flipped = _flipped_bounds(loc64, scale64, low64, high64)  # shared by the KL and the sampler
-            kl = kl_to_own_bounds(loc64, scale64, low64, high64, flipped=flipped).to(loc.dtype)
+            low, high, low64, high64, _, _ = _site_bounds(self.layers, sizes, loc)
+            flipped = _flipped_bounds(loc, scale, low64, high64)  # shared by the KL and the sampler
+            kl = kl_to_own_bounds(loc, scale, low64, high64, flipped=flipped)
+            if per_example:
+                theta = sample_sites(loc, scale, low, high, sizes, batch, flipped=flipped)
         self.kl_all = kl
         self.kls = split(kl)
         self.batch = batch
         self.thetas = None
-        if all(l.noise == "example" for l in self.layers):
-            sampler = sample_sites_lp if low_precision else sample_sites
-            theta = sampler(loc, scale, low, high, sizes, batch, flipped=flipped)
+        if theta is not None:
             self.thetas = list(theta.split(sizes, dim=-1)) if len(sizes) > 1 else [theta]
 
     def site(self, name: str, shape) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,13 @@ def deep_getattr(obj, key: str):
 def raw_param(store, name: str) -> torch.Tensor:
     """The unconstrained leaf tensor of the ``PyroParam`` at dotted ``name`` in ``store``."""
     *path, leaf = name.split(".")
-    module = deep_getattr(store, ".".join(path)) if path else store
-    return getattr(module, leaf + "_unconstrained")
+    module = store
+    # Through the modules' own dictionaries: the same objects attribute access returns, without
+    # PyroModule's __getattr__ (several dictionary probes per step and per site on the hot path).
+    for part in path:
+        module = module._modules.get(part) or getattr(module, part)
+    found = module._parameters.get(leaf + "_unconstrained")
+    return found if found is not None else getattr(module, leaf + "_unconstrained")
 
 
 def is_noise_site(msg: dict) -> bool:

@@ -199,10 +199,11 @@ class MultiplicativeNoise(PyroModule):
         batch = x.shape[0]
         elbo = active_noise_elbo(self)
         if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
-            kept_all = self.mask.device.type == "cpu" and bool(self.mask.all())  # no sync on a GPU
-            theta = elbo.noise(self, batch, None if kept_all else self.mask.bool()).to(x.dtype)
+            mask = self._buffers["mask"]  # not through PyroModule's __getattr__: this runs every step
+            kept_all = mask.device.type == "cpu" and bool(mask.all())  # no sync on a GPU
+            theta = elbo.noise(self, batch, None if kept_all else mask.bool()).to(x.dtype)
             if not kept_all:
-                theta = theta * self.mask
+                theta = theta * mask
             return x * self._broadcast(theta, x, dim)
         if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
             names = [f.name for f in pyro.poutine.runtime.get_plates()]
@@ -287,12 +288,15 @@ class NoisyClassifier(PyroModule):
         return self.net(x)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        elbo = active_noise_elbo() if y is not None else None
+        if elbo is not None:
+            # The one-pass ELBO alone is listening: skip the sample statement, and the pyro.module
+            # statement that reading self.net would issue (one pyro.param per weight, answered by
+            # no handler; the guide's set-up pass has registered the weights already).
+            logits = self._modules["net"](x)
+            elbo.observe_categorical(logits, y)
+            return logits
         logits = self.net(x)
-        if y is not None:
-            elbo = active_noise_elbo()
-            if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
-                elbo.observe_categorical(logits, y)
-                return logits
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", pyro.distributions.Categorical(logits=logits), obs=y)
         return logits

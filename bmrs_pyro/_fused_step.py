@@ -1,0 +1,118 @@
+"""The one-pass loss's per-step work on the CPU, for models whose dtype is not float64: the KL
+and theta of every noise site from one set of float64 per-structure constants (issue 15).
+
+The sampler's constants (Phi(a), Phi(-b), Z, phi(a), phi(b) in the flipped frame) and the
+textbook KL are the same few special-function values, so they are formed once for all sites,
+stacked, and handed to the sampler in one conversion. The KL is an autograd Function whose
+backward is the closed-form derivative of the textbook entropy,
+
+    H = log s + log Z + log sqrt(2 pi e) + (a phi(a) - b phi(b)) / (2 Z),
+    dH/da = phi(a) (r - 1 - a^2) / (2 Z),  dH/db = phi(b) (1 + b^2 - r) / (2 Z),
+    r = (a phi(a) - b phi(b)) / Z,  a, b = sign (bound - loc) / s,
+
+so the backward pass evaluates a dozen float64 operations instead of replaying the ~30 of the
+forward. Both are used only where the textbook forms are exact (:func:`_fast_kl_ok`: the near
+bound within 5 scales, the interval at least one scale wide); the other structures take the
+careful code of :mod:`bmrs_pyro._fast_paths` on their own elements, as before. float64 models
+keep :func:`kl_to_own_bounds` and :func:`sample_sites` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from bmrs_pyro._fast_paths import (
+    _FAST_SAMPLE_X,
+    _fast_icdf,
+    _flipped_bounds,
+    _icdf_draw,
+    kl_to_own_bounds,
+)
+import bmrs_pyro._fast_paths as _fast_paths
+from bmrs_pyro._special import SQRT_HALF, masked_apply
+from bmrs_pyro._truncnorm import _HALF_LOG_2PIE
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class _TextbookKL(torch.autograd.Function):
+    """KL(q || Uniform(low, high)) = log(width) - H(q) from precomputed float64 constants, in
+    loc's dtype, with the closed-form gradient in ``loc`` and ``scale`` (module docstring).
+    ``used``: None, or the structures whose value is used (the others may be inf/NaN; they get
+    gradient 0)."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, a, b, sign, s64, z_mass, e, ae, log_width, used):
+        # e = (e^{-a^2/2}, e^{-b^2/2}) = sqrt(2 pi) (phi(a), phi(b)); ae = (a, b) * e.
+        ratio = (ae[0] - ae[1]) * _INV_SQRT_2PI / z_mass  # (a phi(a) - b phi(b)) / Z
+        kl = log_width - _HALF_LOG_2PIE - torch.log(s64 * z_mass) - 0.5 * ratio
+        ctx.save_for_backward(a, b, sign, s64, z_mass, e, ratio, used)
+        ctx.dtypes = (loc.dtype, scale.dtype)
+        return kl.to(loc.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, sign, s64, z_mass, e, ratio, used = ctx.saved_tensors
+        half_over_z = (0.5 * _INV_SQRT_2PI) / z_mass
+        dh_da = e[0] * (ratio - 1.0 - a * a) * half_over_z
+        dh_db = e[1] * (1.0 + b * b - ratio) * half_over_z
+        g = grad.double() / s64
+        grad_loc = g * sign * (dh_da + dh_db)
+        grad_scale = g * (a * dh_da + b * dh_db - 1.0)
+        if used is not None:
+            grad_loc, grad_scale = torch.where(used, grad_loc, 0.0), torch.where(used, grad_scale, 0.0)
+        return grad_loc.to(ctx.dtypes[0]), grad_scale.to(ctx.dtypes[1]), *([None] * 9)
+
+
+def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tensor, high64: torch.Tensor,
+                      exp_bounds: tuple[torch.Tensor, torch.Tensor], sizes: Sequence[int],
+                      batch: "int | None") -> tuple[torch.Tensor, "torch.Tensor | None"]:
+    """(KL per structure, theta of shape (batch, sum(sizes)) or None without ``batch``) for the
+    concatenated sites' (S,) ``loc`` and ``scale`` in the model's dtype (not float64).
+
+    ``low64``, ``high64``: the float64 bounds of log theta per structure; ``exp_bounds``: e^low,
+    e^high rounded to the model's dtype (the clamp of the draws). The KL equals
+    :func:`kl_to_own_bounds` and theta is what :func:`sample_sites` draws with the same random
+    numbers; only the constants they share are formed once.
+    """
+    dtype = loc.dtype
+    with torch.no_grad():
+        loc64, s64 = loc.detach().double(), scale.detach().double()
+        flipped = _flipped_bounds(loc64, s64, low64, high64)
+        flip, a, b = flipped
+        width = high64 - low64
+        sample_fast = b >= -_FAST_SAMPLE_X  # the sampler's textbook inverse is exact there
+        fast = sample_fast & (width >= s64)  # and the textbook KL (_fast_kl_ok)
+        all_fast = bool(fast.all())
+        ab = torch.stack((a, b, -b))
+        cdf = torch.special.erfc(ab * -SQRT_HALF).mul_(0.5)  # Phi(a), Phi(b), Phi(-b)
+        e = torch.exp(ab[:2].square().mul_(-0.5))
+        ae = ab[:2] * e
+        z_mass = cdf[1] - cdf[0]
+        sign = torch.where(flip, -1.0, 1.0)
+        # _FastIcdf's constants: Phi(a), Phi(-b), Z, sign, then the (scaled) phi(a), a phi(a)
+        # and their steps to phi(b), b phi(b).
+        consts = torch.stack((cdf[0], cdf[2], z_mass, sign, e[0], e[1] - e[0], ae[0], ae[1] - ae[0]))
+    kl = _TextbookKL.apply(loc, scale, a, b, sign, s64, z_mass, e, ae, torch.log(width), None if all_fast else fast)
+    if not all_fast:
+        careful = masked_apply(~fast, lambda l, s, lo, hi: kl_to_own_bounds(l.double(), s.double(), lo, hi).to(dtype),
+                               loc, scale, low64, high64)
+        kl = torch.where(fast, kl, careful)
+    if batch is None:
+        return kl, None
+    all_sample_fast = all_fast or bool(sample_fast.all())
+    # _fast_paths._uniform looked up at call time, as sample_sites does (tests substitute it).
+    us = [_fast_paths._uniform((batch, n), dtype if all_sample_fast or bool(f.all()) else torch.float64, loc.device)
+          for f, n in zip(sample_fast.split(list(sizes)), sizes)]
+    if len({u.dtype for u in us}) > 1:
+        us = [u.double() for u in us]
+    u = us[0] if len(us) == 1 else torch.cat(us, dim=-1)
+    if all_sample_fast:
+        theta = _fast_icdf(loc, scale, None, None, u, dtype=dtype, exp=True, consts=consts, exp_bounds=exp_bounds)
+    else:  # float64 parameters, as sample_sites passes them: the tail structures' draws are float64
+        theta = _icdf_draw(loc.double(), scale.double(), low64, high64, u, sample_fast, dtype, exp=True,
+                           flipped=flipped, consts=consts, exp_bounds=exp_bounds)
+    return kl, theta
