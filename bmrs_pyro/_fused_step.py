@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from bmrs_pyro._fast_paths import (
@@ -33,7 +34,7 @@ from bmrs_pyro._fast_paths import (
 )
 import bmrs_pyro._fast_paths as _fast_paths
 from bmrs_pyro._special import SQRT_HALF, masked_apply
-from bmrs_pyro._truncnorm import _HALF_LOG_2PIE
+from bmrs_pyro._truncnorm import _HALF_LOG_2PIE, _INSIDE, _narrow_weights
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -67,9 +68,31 @@ class _TextbookKL(torch.autograd.Function):
         return grad_loc.to(ctx.dtypes[0]), grad_scale.to(ctx.dtypes[1]), *([None] * 9)
 
 
+# Posteriors on intervals narrower than one scale whose log density varies by at most
+# _QUAD_V over the interval: the careful code's centred Gauss-Legendre KL with 20 points instead of
+# 12. The exponent is a quadratic of range <= _QUAD_V, for which the 20-point rule's error is
+# ~(_QUAD_V / 2)^40 / 40! ~ 1e-24 relative; checked against the careful statistics and scipy.
+_QUAD_V = 8.0
+_GL20 = tuple(tuple(float(t) for t in v) for v in (
+    (np.polynomial.legendre.leggauss(20)[0] + 1.0) / 2.0, np.polynomial.legendre.leggauss(20)[1] / 2.0))
+
+
+def _quadrature_regime(b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Offset-form posteriors (b <= 1 in the flipped frame) whose exponent x v + v^2/2, x = -b,
+    varies by at most _QUAD_V over [0, w]."""
+    return (b <= -_INSIDE) & (w * (b.abs() + w) <= _QUAD_V)
+
+
+def _quadrature_kl(loc, scale, low64, high64):
+    """KL of the :func:`_quadrature_regime` posteriors, with autograd, in loc's dtype."""
+    _, _, b = _flipped_bounds(loc.double(), scale.double(), low64, high64)
+    return _narrow_weights(-b, (high64 - low64) / scale.double(), _GL20)[2].to(loc.dtype)
+
+
 def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tensor, high64: torch.Tensor,
                       exp_bounds: tuple[torch.Tensor, torch.Tensor], sizes: Sequence[int],
-                      batch: "int | None") -> tuple[torch.Tensor, "torch.Tensor | None"]:
+                      batch: "int | None", keep: "torch.Tensor | None" = None
+                      ) -> tuple[torch.Tensor, "torch.Tensor | None"]:
     """(KL per structure, theta of shape (batch, sum(sizes)) or None without ``batch``) for the
     concatenated sites' (S,) ``loc`` and ``scale`` in the model's dtype (not float64).
 
@@ -77,8 +100,18 @@ def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tenso
     e^high rounded to the model's dtype (the clamp of the draws). The KL equals
     :func:`kl_to_own_bounds` and theta is what :func:`sample_sites` draws with the same random
     numbers; only the constants they share are formed once.
+
+    ``keep`` (bool, (S,)): the structures not pruned, None for all. A pruned structure's KL and
+    theta are masked out of the loss, so its frozen posterior (often far in a tail, where the
+    careful code costs a hundred times the textbook one) is replaced by a stand-in in the
+    textbook regime: same loss, same gradients (zero for the pruned ones), less work.
     """
     dtype = loc.dtype
+    if keep is not None:
+        with torch.no_grad():
+            mid, half = 0.5 * (high64 + low64), 0.5 * (high64 - low64)  # stand-in: centred, width / 20
+        loc = torch.where(keep, loc, mid.to(dtype))
+        scale = torch.where(keep, scale, (0.1 * half).to(dtype))
     with torch.no_grad():
         loc64, s64 = loc.detach().double(), scale.detach().double()
         flipped = _flipped_bounds(loc64, s64, low64, high64)
@@ -98,9 +131,15 @@ def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tenso
         consts = torch.stack((cdf[0], cdf[2], z_mass, sign, e[0], e[1] - e[0], ae[0], ae[1] - ae[0]))
     kl = _TextbookKL.apply(loc, scale, a, b, sign, s64, z_mass, e, ae, torch.log(width), None if all_fast else fast)
     if not all_fast:
-        careful = masked_apply(~fast, lambda l, s, lo, hi: kl_to_own_bounds(l.double(), s.double(), lo, hi).to(dtype),
-                               loc, scale, low64, high64)
-        kl = torch.where(fast, kl, careful)
+        with torch.no_grad():  # wide posteriors (nearly uniform ones and beyond): quadrature
+            quad = ~fast & _quadrature_regime(b, width / s64)
+            careful = ~fast & ~quad
+        if bool(quad.any()):
+            kl = torch.where(quad, masked_apply(quad, _quadrature_kl, loc, scale, low64, high64), kl)
+        if bool(careful.any()):
+            kl = torch.where(careful, masked_apply(
+                careful, lambda l, s, lo, hi: kl_to_own_bounds(l.double(), s.double(), lo, hi).to(dtype),
+                loc, scale, low64, high64), kl)
     if batch is None:
         return kl, None
     all_sample_fast = all_fast or bool(sample_fast.all())

@@ -127,16 +127,18 @@ def _is_narrow(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * (x.abs() + w) <= 1.0
 
 
-def _narrow_weights(x, w):
+def _narrow_weights(x, w, rule=None):
     """Gauss-Legendre nodes v and normalised weights p of the density ~ e^{-xv - v^2/2} on [0, w].
 
     The exponent is centred on its uniform average (h~ = h - mean h), so sums of p h~ and
     log sum w e^{-h~} are small numbers formed without cancellation against large ones.
     Also returns KL(q_v || Uniform(0, w)) = -(log S + E_q h~) >= 0, log S and mean h, where
-    S = sum w_i e^{-h~_i}.
+    S = sum w_i e^{-h~_i}. ``rule``: (nodes, weights) on [0, 1], default the 12-point rule
+    (exact to rounding while the exponent varies by < 1 over [0, w]).
     """
-    nodes = torch.tensor(_NARROW_T, dtype=x.dtype, device=x.device)
-    weights = torch.tensor(_NARROW_W, dtype=x.dtype, device=x.device)
+    nodes, weights = rule if rule is not None else (_NARROW_T, _NARROW_W)
+    nodes = torch.tensor(nodes, dtype=x.dtype, device=x.device)
+    weights = torch.tensor(weights, dtype=x.dtype, device=x.device)
     v = w.unsqueeze(-1) * nodes
     h = v * (x.unsqueeze(-1) + 0.5 * v)
     h_bar = (weights * h).sum(-1, keepdim=True)

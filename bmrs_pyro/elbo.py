@@ -98,8 +98,11 @@ class _StepPosteriors:
                 theta = sample_sites_lp(loc, scale, low, high, sizes, batch, flipped=flipped)
         elif loc.dtype != torch.float64:  # the KL and the sampler's constants formed once, float64
             _, _, low64, high64, e_low, e_high = _site_bounds(self.layers, sizes, loc)
+            masks = [l._buffers["mask"] for l in self.layers]
+            keep = masks[0] if len(masks) == 1 else torch.cat(masks)
+            keep = None if bool(keep.all()) else keep.bool()
             kl, theta = step_kl_and_theta(loc, scale, low64, high64, (e_low, e_high), sizes,
-                                          batch if per_example else None)
+                                          batch if per_example else None, keep)
         else:
             low, high, low64, high64, _, _ = _site_bounds(self.layers, sizes, loc)
             flipped = _flipped_bounds(loc, scale, low64, high64)  # shared by the KL and the sampler

@@ -128,5 +128,93 @@ def test_step_without_a_batch_returns_the_kl_only():
     exp_bounds = (_exp_bound(low64.float()), _exp_bound(high64.float()))
     kl, theta = step_kl_and_theta(loc, scale, low64, high64, exp_bounds, [10], None)
     assert theta is None
-    expected = np.array([_scipy_kl(float(l), float(s)) for l, s in zip(loc, scale)])
+    expected = np.array([_scipy_kl(float(l), float(s)) for l, s in zip(loc.detach(), scale.detach())])
     assert np.allclose(kl.detach().double().numpy(), expected, rtol=1e-5)
+
+
+def _two_sites_with_tails():
+    """Two sites of 4 and 3 structures: the first holds a far-tail posterior (kept), a far-tail
+    one to be pruned and a nearly uniform one; the second a wide posterior outside the bounds."""
+    loc = torch.tensor([3.0, -0.5, 40.0, -9.0, -2.0, 60.0, -1.0], requires_grad=True)
+    scale = torch.tensor([0.05, 0.3, 0.01, 40.0, 0.7, 35.0, 0.5], requires_grad=True)
+    n = loc.shape[0]
+    low64, high64 = torch.full((n,), LOW, dtype=F64), torch.full((n,), HIGH, dtype=F64)
+    return loc, scale, low64, high64, (_exp_bound(low64.float()), _exp_bound(high64.float())), [4, 3]
+
+
+def test_regimes_of_the_fixture_are_the_ones_meant():
+    loc, scale, low64, high64, _, _ = _two_sites_with_tails()
+    from bmrs_pyro._truncnorm import _is_narrow
+    _, a, b = _flipped_bounds(loc.double(), scale.double(), low64, high64)
+    w = 20.0 / scale.double()
+    fast = _fast_kl_ok(a, b, w)
+    narrow = ~fast & (b <= 1.0) & _is_narrow(-b, w)
+    assert fast.tolist() == [False, True, False, False, True, False, True]
+    assert narrow.tolist() == [False, False, False, True, False, False, False]  # 5: careful, w < 1
+
+
+def test_pruned_structures_take_a_stand_in_and_change_nothing_in_the_loss():
+    """Pruning structure 2 (far tail): the kept structures' KL and theta are unchanged (same
+    uniforms: its site still draws float64 ones for the kept tail structure 0), and the masked
+    loss has the same gradients (to float32 rounding), zero for the pruned structure."""
+    loc, scale, low64, high64, exp_bounds, sizes = _two_sites_with_tails()
+    keep = torch.tensor([True, True, False, True, True, True, True])
+    results = []
+    for k in (None, keep):
+        torch.manual_seed(2)
+        kl, theta = step_kl_and_theta(loc, scale, low64, high64, exp_bounds, sizes, 6, k)
+        masked = torch.where(keep, kl, 0.0).sum() + (theta * keep).sum()
+        results.append((kl.detach(), theta.detach(), torch.autograd.grad(masked, [loc, scale])))
+    (kl0, th0, g0), (kl1, th1, g1) = results
+    assert torch.equal(kl0[keep], kl1[keep]) and torch.equal(th0[:, keep], th1[:, keep])
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=4 * torch.finfo(torch.float32).eps, atol=0.0)
+        assert float(a[2]) == float(b[2]) == 0.0
+
+
+def test_step_kl_in_every_regime_matches_the_careful_statistics():
+    loc, scale, low64, high64, exp_bounds, sizes = _two_sites_with_tails()
+    kl, _ = step_kl_and_theta(loc, scale, low64, high64, exp_bounds, sizes, None)
+    careful = _Core(loc.double(), scale.double(), LOW, HIGH).stats[4]
+    torch.testing.assert_close(kl, careful.float(), rtol=2 * torch.finfo(torch.float32).eps, atol=0.0)
+    for g, ref in zip(torch.autograd.grad(kl.sum(), [loc, scale]),
+                      torch.autograd.grad(careful.sum(), [loc, scale])):
+        torch.testing.assert_close(g, ref.float(), rtol=4 * torch.finfo(torch.float32).eps, atol=1e-30)
+
+
+def test_quadrature_kl_matches_the_careful_statistics_and_scipy_on_its_whole_regime():
+    """The 20-point rule on wide posteriors (interval < 1 scale) whose log density varies by up
+    to _QUAD_V = 8 over the interval, loc inside or far outside: float64 value and gradients
+    against the careful statistics (relative 1e-12, 1e-10, absolute 2e-15 where the KL of a nearly
+    uniform posterior is ~1e-7 and both sides carry double rounding), values against scipy too."""
+    from bmrs_pyro._fused_step import _QUAD_V, _quadrature_kl, _quadrature_regime
+
+    loc = torch.linspace(-300.0, 300.0, 301, dtype=F64).repeat_interleave(60)
+    scale = torch.linspace(math.log(20.0), 5.0, 60, dtype=F64).exp().repeat(301)
+    low, high = torch.full_like(loc, LOW), torch.full_like(loc, HIGH)
+    _, a, b = _flipped_bounds(loc, scale, low, high)
+    w = 20.0 / scale
+    quad = ~_fast_kl_ok(a, b, w) & _quadrature_regime(b, w)
+    variation = w * (b.abs() + w)
+    assert int(quad.sum()) > 1000 and float(variation[quad].max()) > 0.9 * _QUAD_V  # the whole regime
+    loc, scale = loc[quad].requires_grad_(), scale[quad].requires_grad_()
+    kl = _quadrature_kl(loc, scale, low[quad], high[quad])
+    careful = _Core(loc, scale, LOW, HIGH).stats[4]
+    torch.testing.assert_close(kl, careful, rtol=1e-12, atol=2e-15)
+    for g, ref in zip(torch.autograd.grad(kl.sum(), [loc, scale]), torch.autograd.grad(careful.sum(), [loc, scale])):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-14)
+    for i in torch.linspace(0, loc.shape[0] - 1, 7).long().tolist():
+        assert float(kl[i].detach()) == pytest.approx(_integrated_kl(float(loc[i].detach()), float(scale[i].detach())),
+                                                      rel=1e-8, abs=1e-14)
+
+
+def _integrated_kl(loc: float, scale: float) -> float:
+    """KL(q || Uniform) = log(width) + int q log q by scipy quadrature of the density, its exponent
+    shifted by its largest value on the interval (far-outside posteriors do not underflow)."""
+    from scipy import integrate
+
+    top = -0.5 * ((min(max(loc, LOW), HIGH) - loc) / scale) ** 2
+    f = lambda z: math.exp(-0.5 * ((z - loc) / scale) ** 2 - top)  # noqa: E731
+    mass = integrate.quad(f, LOW, HIGH, epsabs=0.0, epsrel=1e-13)[0]
+    neg_entropy = integrate.quad(lambda z: f(z) / mass * math.log(f(z) / mass), LOW, HIGH, epsabs=0.0, epsrel=1e-13)[0]
+    return math.log(HIGH - LOW) + neg_entropy
