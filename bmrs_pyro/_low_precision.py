@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from torch.distributions.utils import broadcast_all
 
-from bmrs_pyro._fast_paths import _FAST_SAMPLE_X, _FastIcdf, _flipped_bounds, _uniform
+from bmrs_pyro._fast_paths import _FAST_SAMPLE_X, _FORCED_LOW, _FastIcdf, _flipped_bounds, _uniform
 from bmrs_pyro._special import LOG_SQRT_2PI, log_ndtr_ratio_offset, mills_gap, ndtr
 from bmrs_pyro._truncnorm import _HALF_LOG_2PIE
-
-_FORCED_LOW = [False]
 
 
 @contextlib.contextmanager

@@ -88,6 +88,11 @@ class _StepPosteriors:
         # model's dtype (bmrs_pyro._low_precision).
         low_precision = _low_precision(loc)
         per_example = all(l.noise == "example" for l in self.layers)
+        # The masks of all sites, read once per step: whether any structure is pruned (False off
+        # the CPU, where asking would sync) and, if so, each site's mask.
+        self.masks = [l._buffers["mask"] for l in self.layers]
+        keep = self.masks[0] if len(self.masks) == 1 else torch.cat(self.masks)
+        self.kept_all = keep.device.type == "cpu" and bool(keep.all())
         theta = None
         if low_precision:
             low, high, _, _, _, _ = _site_bounds(self.layers, sizes, loc, with64=False)
@@ -98,11 +103,8 @@ class _StepPosteriors:
                 theta = sample_sites_lp(loc, scale, low, high, sizes, batch, flipped=flipped)
         elif loc.dtype != torch.float64:  # the KL and the sampler's constants formed once, float64
             _, _, low64, high64, e_low, e_high = _site_bounds(self.layers, sizes, loc)
-            masks = [l._buffers["mask"] for l in self.layers]
-            keep = masks[0] if len(masks) == 1 else torch.cat(masks)
-            keep = None if bool(keep.all()) else keep.bool()
             kl, theta = step_kl_and_theta(loc, scale, low64, high64, (e_low, e_high), sizes,
-                                          batch if per_example else None, keep)
+                                          batch if per_example else None, None if self.kept_all else keep.bool())
         else:
             low, high, low64, high64, _, _ = _site_bounds(self.layers, sizes, loc)
             flipped = _flipped_bounds(loc, scale, low64, high64)  # shared by the KL and the sampler
@@ -168,19 +170,23 @@ class _NoiseELBOMessenger(Messenger):
         msg["value"] = theta
         msg["done"] = True
 
-    def noise(self, layer, batch: int, mask: "torch.Tensor | None") -> torch.Tensor:
-        """theta for ``layer`` without a Pyro sample statement (see :func:`active_noise_elbo`).
+    def noise(self, layer, batch: int) -> tuple[torch.Tensor, "torch.Tensor | None"]:
+        """(theta, mask) for ``layer`` without a Pyro sample statement (see
+        :func:`active_noise_elbo`): ``mask`` is the layer's mask buffer when a structure of any
+        site may be pruned (the layer multiplies theta by it), None when none is.
 
         Adds exactly what the sample site would: the KL of each of the site's copies, times
-        the site's scale (``layer.kl_scale``), the structures outside ``mask`` (bool; None: all
-        kept) left out. The sum is formed in :meth:`finish`, once for all sites when it can.
+        the site's scale (``layer.kl_scale``), the pruned structures left out. The sum is
+        formed in :meth:`finish`, once for all sites when it can.
         """
         shape = (batch, layer.num_structures) if layer.noise == "example" else (layer.num_structures,)
         step = self._posteriors(batch if layer.noise == "example" else 1)
         _, theta = step.site(layer.site_name, shape)
         copies = batch if layer.noise == "example" else 1
-        self._pending.append((step.index[layer.site_name], copies * layer.kl_scale(batch), mask))
-        return theta
+        i = step.index[layer.site_name]
+        mask = None if step.kept_all else step.masks[i]
+        self._pending.append((i, copies * layer.kl_scale(batch), None if mask is None else mask.bool()))
+        return theta, mask
 
     def finish(self) -> None:
         """Add the KL of the sites answered by :meth:`noise`: one sum over all structures when

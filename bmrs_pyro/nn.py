@@ -35,7 +35,7 @@ import torch
 from pyro.nn import PyroModule
 from pyro.poutine.indep_messenger import IndepMessenger
 
-from ._active_elbo import active_noise_elbo
+from ._active_elbo import ACTIVE, active_noise_elbo
 from .distributions import LogUniform
 
 NOISE_MODES = ("example", "global")
@@ -189,6 +189,14 @@ class MultiplicativeNoise(PyroModule):
         """Fix E_q[theta] for mean mode when no guide is attached."""
         self.__dict__["_fixed_mean"] = torch.as_tensor(value, dtype=self.mask.dtype)
 
+    def __call__(self, *args, **kwargs):
+        # With the one-pass ELBO alone listening, forward issues no Pyro statement, so the
+        # parameter context PyroModule enters around every call has nothing to do (it reads
+        # Pyro settings and names each time): call the plain nn.Module machinery instead.
+        if ACTIVE and self.mode == "sample" and active_noise_elbo(self) is not None:
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = self._check_input(x)
         if self.mode == "off":
@@ -199,10 +207,9 @@ class MultiplicativeNoise(PyroModule):
         batch = x.shape[0]
         elbo = active_noise_elbo(self)
         if elbo is not None:  # the one-pass ELBO alone is listening: skip the sample statement
-            mask = self._buffers["mask"]  # not through PyroModule's __getattr__: this runs every step
-            kept_all = mask.device.type == "cpu" and bool(mask.all())  # no sync on a GPU
-            theta = elbo.noise(self, batch, None if kept_all else mask.bool()).to(x.dtype)
-            if not kept_all:
+            theta, mask = elbo.noise(self, batch)
+            theta = theta.to(x.dtype)
+            if mask is not None:  # some structure of some site is pruned
                 theta = theta * mask
             return x * self._broadcast(theta, x, dim)
         if pyro.poutine.runtime.am_i_wrapped() and pyro.poutine.runtime.get_plates():
@@ -286,6 +293,14 @@ class NoisyClassifier(PyroModule):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's output (in the noise layers' current mode)."""
         return self.net(x)
+
+    def __call__(self, *args, **kwargs):
+        # As MultiplicativeNoise.__call__: with a label and the one-pass ELBO alone listening,
+        # forward issues no Pyro statement and needs no PyroModule parameter context.
+        labelled = (len(args) > 1 and args[1] is not None) or kwargs.get("y") is not None
+        if ACTIVE and labelled and active_noise_elbo() is not None:
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         elbo = active_noise_elbo() if y is not None else None
