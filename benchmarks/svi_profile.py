@@ -7,8 +7,10 @@ cumulative seconds of each part (parts nest: the sampler, KL and guide parameter
 the model pass; Pyro's own Python is counted wherever it runs):
 
 - ``model_pass``: the loss's forward pass (``MeanFieldNoiseELBO.differentiable_loss``);
-- ``sampler``: drawing theta (``sample_sites`` / ``rsample``);
-- ``kl``: ``kl_divergence``;
+- ``step_constants``: the CPU float32 step's KL and theta together (``step_kl_and_theta``: the
+  shared per-structure constants, the sampler and the KL below);
+- ``sampler``: drawing theta (``sample_sites``, ``_fast_icdf`` / ``rsample``);
+- ``kl``: ``kl_divergence`` and the per-step KL (``kl_to_own_bounds``, the fused step's KL);
 - ``guide_params``: reading loc/scale from the guide (``PyroModule`` attribute access);
 - ``pyro_python``: time spent inside Pyro's own modules (tracing, messengers, PyroModule);
 - ``backward``, ``optimizer`` (``step`` and ``zero_grad``), ``data_slicing``
@@ -43,8 +45,11 @@ from bmrs_pyro.models.registry import build  # noqa: E402
 # part -> [(file suffix, function names)]; cumulative time of the outermost matching calls.
 PARTS = {
     "model_pass": [("bmrs_pyro/elbo.py", ("differentiable_loss",))],
-    "sampler": [("bmrs_pyro/_fast_paths.py", ("sample_sites",)), ("bmrs_pyro/distributions.py", ("rsample",))],
-    "kl": [("torch/distributions/kl.py", ("kl_divergence",)), ("bmrs_pyro/_fast_paths.py", ("kl_to_own_bounds",))],
+    "sampler": [("bmrs_pyro/_fast_paths.py", ("sample_sites", "_icdf_draw", "_fast_icdf")),
+                ("bmrs_pyro/distributions.py", ("rsample",))],
+    "kl": [("torch/distributions/kl.py", ("kl_divergence",)), ("bmrs_pyro/_fast_paths.py", ("kl_to_own_bounds",)),
+           ("bmrs_pyro/_fused_step.py", ("forward", "_quadrature_kl"))],
+    "step_constants": [("bmrs_pyro/_fused_step.py", ("step_kl_and_theta",))],
     "guide_params": [("bmrs_pyro/guides.py", ("loc_scale", "_raw_loc_log_scale"))],
     "backward": [("torch/_tensor.py", ("backward",))],
     "optimizer": [("torch/optim/optimizer.py", ("wrapper", "zero_grad"))],
