@@ -133,24 +133,28 @@ def test_step_without_a_batch_returns_the_kl_only():
 
 
 def _two_sites_with_tails():
-    """Two sites of 4 and 3 structures: the first holds a far-tail posterior (kept), a far-tail
-    one to be pruned and a nearly uniform one; the second a wide posterior outside the bounds."""
-    loc = torch.tensor([3.0, -0.5, 40.0, -9.0, -2.0, 60.0, -1.0], requires_grad=True)
-    scale = torch.tensor([0.05, 0.3, 0.01, 40.0, 0.7, 35.0, 0.5], requires_grad=True)
+    """Two sites of 4 and 4 structures: the first holds a far-tail posterior (kept), a far-tail
+    one to be pruned and a nearly uniform one; the second a wide posterior outside the bounds
+    and one 6 scales beyond the upper bound on an interval 2 scales wide (the careful code)."""
+    loc = torch.tensor([3.0, -0.5, 40.0, -9.0, -2.0, 60.0, -1.0, 60.0], requires_grad=True)
+    scale = torch.tensor([0.05, 0.3, 0.01, 40.0, 0.7, 35.0, 0.5, 10.0], requires_grad=True)
     n = loc.shape[0]
     low64, high64 = torch.full((n,), LOW, dtype=F64), torch.full((n,), HIGH, dtype=F64)
-    return loc, scale, low64, high64, (_exp_bound(low64.float()), _exp_bound(high64.float())), [4, 3]
+    return loc, scale, low64, high64, (_exp_bound(low64.float()), _exp_bound(high64.float())), [4, 4]
 
 
 def test_regimes_of_the_fixture_are_the_ones_meant():
+    from bmrs_pyro._fused_step import _far_tail_regime, _quadrature_regime
+
     loc, scale, low64, high64, _, _ = _two_sites_with_tails()
-    from bmrs_pyro._truncnorm import _is_narrow
     _, a, b = _flipped_bounds(loc.double(), scale.double(), low64, high64)
     w = 20.0 / scale.double()
     fast = _fast_kl_ok(a, b, w)
-    narrow = ~fast & (b <= 1.0) & _is_narrow(-b, w)
-    assert fast.tolist() == [False, True, False, False, True, False, True]
-    assert narrow.tolist() == [False, False, False, True, False, False, False]  # 5: careful, w < 1
+    quad = ~fast & _quadrature_regime(b, w)
+    far = ~fast & ~quad & _far_tail_regime(b, w)
+    assert fast.tolist() == [False, True, False, False, True, False, True, False]
+    assert quad.tolist() == [False, False, False, True, False, True, False, False]
+    assert far.tolist() == [True, False, True, False, False, False, False, False]  # 7: the careful code
 
 
 def test_pruned_structures_take_a_stand_in_and_change_nothing_in_the_loss():
@@ -158,7 +162,7 @@ def test_pruned_structures_take_a_stand_in_and_change_nothing_in_the_loss():
     uniforms: its site still draws float64 ones for the kept tail structure 0), and the masked
     loss has the same gradients (to float32 rounding), zero for the pruned structure."""
     loc, scale, low64, high64, exp_bounds, sizes = _two_sites_with_tails()
-    keep = torch.tensor([True, True, False, True, True, True, True])
+    keep = torch.tensor([True, True, False, True, True, True, True, True])
     results = []
     for k in (None, keep):
         torch.manual_seed(2)
@@ -214,7 +218,41 @@ def _integrated_kl(loc: float, scale: float) -> float:
     from scipy import integrate
 
     top = -0.5 * ((min(max(loc, LOW), HIGH) - loc) / scale) ** 2
-    f = lambda z: math.exp(-0.5 * ((z - loc) / scale) ** 2 - top)  # noqa: E731
-    mass = integrate.quad(f, LOW, HIGH, epsabs=0.0, epsrel=1e-13)[0]
-    neg_entropy = integrate.quad(lambda z: f(z) / mass * math.log(f(z) / mass), LOW, HIGH, epsabs=0.0, epsrel=1e-13)[0]
+    log_f = lambda z: -0.5 * ((z - loc) / scale) ** 2 - top  # noqa: E731
+    mass = integrate.quad(lambda z: math.exp(log_f(z)), LOW, HIGH, epsabs=0.0, epsrel=1e-13, limit=200)[0]
+    neg_entropy = integrate.quad(lambda z: math.exp(log_f(z)) / mass * (log_f(z) - math.log(mass)), LOW, HIGH,
+                                 epsabs=0.0, epsrel=1e-13, limit=200)[0]
     return math.log(HIGH - LOW) + neg_entropy
+
+
+def test_far_tail_kl_matches_the_careful_statistics_and_scipy_on_its_whole_regime():
+    """Near bound 5 to 5e12 scales away, far bound beyond 40 / x scales, both flips, two sets
+    of bounds: value (relative 1e-13) and closed-form gradients (1e-10 of |grad| + 1/scale)
+    against autograd through the careful statistics; a few values against scipy quadrature."""
+    from bmrs_pyro._fused_step import _FarTailKL, _far_tail_regime
+
+    for low_, high_ in ((LOW, HIGH), (-6.0, -1.0)):
+        away = torch.logspace(-3, 4, 60, dtype=F64)
+        loc = torch.cat([high_ + away, low_ - away]).repeat_interleave(40)
+        scale = torch.linspace(-20.0, 1.0, 40, dtype=F64).exp().repeat(120)
+        low, high = torch.full_like(loc, low_), torch.full_like(loc, high_)
+        flip, _, b = _flipped_bounds(loc, scale, low, high)
+        far = _far_tail_regime(b, (high - low) / scale)
+        assert int(far.sum()) > 3000 and bool(flip[far].any()) and bool((~flip[far]).any())
+        assert float((-b[far]).min()) < 6.0 and float((-b[far]).max()) > 1e9
+        loc, scale, low, high = loc[far].requires_grad_(), scale[far].requires_grad_(), low[far], high[far]
+        flip, _, b = _flipped_bounds(loc.detach(), scale.detach(), low, high)
+        kl = _FarTailKL.apply(loc, scale, -b, torch.where(flip, -1.0, 1.0).double(), scale.detach(),
+                              torch.log(high - low), torch.ones_like(flip))
+        careful = _Core(loc, scale, low, high).stats[4]
+        torch.testing.assert_close(kl, careful, rtol=1e-13, atol=0.0)
+        for g, ref in zip(torch.autograd.grad(kl.sum(), [loc, scale]),
+                          torch.autograd.grad(careful.sum(), [loc, scale])):
+            assert float(((g - ref).abs() / (ref.abs() + 1.0 / scale.detach())).max()) < 1e-10
+    for loc_, scale_ in ((0.6, 0.1), (2.0, 0.25), (-21.5, 0.2)):  # x = 6, 8, 7.5
+        loc = torch.tensor([loc_], dtype=F64)
+        scale = torch.tensor([scale_], dtype=F64)
+        flip, _, b = _flipped_bounds(loc, scale, torch.tensor(LOW, dtype=F64), torch.tensor(HIGH, dtype=F64))
+        kl = _FarTailKL.apply(loc, scale, -b, torch.where(flip, -1.0, 1.0).double(), scale,
+                              torch.log(torch.tensor([HIGH - LOW], dtype=F64)), torch.ones_like(flip))
+        assert float(kl) == pytest.approx(_integrated_kl(loc_, scale_), rel=1e-9)
