@@ -2,9 +2,9 @@
 off the CPU (issue 15).
 
 On a GPU float64 runs at a small fraction of float32's throughput, so there the one-pass loss
-keeps everything of a training step in the model's dtype (float32). The CPU keeps the float64
-forms of :mod:`bmrs_pyro._fast_paths` (bit for bit what it computed before);
-``_forced_low_precision()`` makes the CPU take this path so that the tests can check it where no
+keeps everything of a training step in the model's dtype (float32). The CPU keeps float64
+per-structure constants (:mod:`bmrs_pyro._fast_paths`, and :mod:`bmrs_pyro._fused_step` for
+float32 models); ``_forced_low_precision()`` makes the CPU take this path so that the tests can check it where no
 GPU is lent. The registered ``kl_divergence`` and the whole reduction stay float64 everywhere.
 """
 
