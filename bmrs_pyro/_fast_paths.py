@@ -224,12 +224,21 @@ def sample_sites(loc, scale, low, high, sizes: Sequence[int], batch: int, *, fli
     if flipped is None:
         flipped = _flipped_bounds(loc, scale, low, high)
     fast = flipped[2] >= -_FAST_SAMPLE_X
-    us = [_uniform((batch, n), dtype if bool(f.all()) else torch.float64, loc.device)
+    u = _site_uniforms(fast, sizes, batch, dtype, bool(fast.all()))
+    return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp=True, flipped=flipped)
+
+
+def _site_uniforms(fast: torch.Tensor, sizes: Sequence[int], batch: int, dtype: torch.dtype,
+                   all_fast: bool) -> torch.Tensor:
+    """Uniforms (batch, sum(sizes)) drawn site by site as each site's own ``rsample`` draws them:
+    in ``dtype`` for a site whose structures are all in the sampler's ``fast`` region, float64
+    otherwise (then all are returned in float64). ``all_fast``: whether ``fast`` holds everywhere,
+    when the caller knows it (no per-site check then)."""
+    us = [_uniform((batch, n), dtype if all_fast or bool(f.all()) else torch.float64, fast.device)
           for f, n in zip(fast.split(list(sizes)), sizes)]
     if len({u.dtype for u in us}) > 1:
         us = [u.double() for u in us]
-    u = us[0] if len(us) == 1 else torch.cat(us, dim=-1)
-    return _icdf_draw(loc, scale, low, high, u, fast, dtype, exp=True, flipped=flipped)
+    return us[0] if len(us) == 1 else torch.cat(us, dim=-1)
 
 
 def _exp_bound(bound: torch.Tensor) -> torch.Tensor:

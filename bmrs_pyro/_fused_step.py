@@ -12,9 +12,11 @@ backward is the closed-form derivative of the textbook entropy,
 
 so the backward pass evaluates a dozen float64 operations instead of replaying the ~30 of the
 forward. Both are used only where the textbook forms are exact (:func:`_fast_kl_ok`: the near
-bound within 5 scales, the interval at least one scale wide); the other structures take the
-careful code of :mod:`bmrs_pyro._fast_paths` on their own elements, as before. float64 models
-keep :func:`kl_to_own_bounds` and :func:`sample_sites` unchanged.
+bound within 5 scales, the interval at least one scale wide). The KL of the other structures
+takes, by regime: a 20-point Gauss-Legendre rule on wide posteriors, a closed form in the Mills
+gap in the far tail, the careful code of :mod:`bmrs_pyro._fast_paths` elsewhere; their draws the
+float64 offset form, as before. float64 models keep :func:`kl_to_own_bounds` and
+:func:`sample_sites` unchanged.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from bmrs_pyro._fast_paths import (
     _FAST_SAMPLE_X,
     _fast_icdf,
     _flipped_bounds,
+    _fast_kl_ok,
     _icdf_draw,
+    _site_uniforms,
     kl_to_own_bounds,
 )
-import bmrs_pyro._fast_paths as _fast_paths
 from bmrs_pyro._special import _CF_SWITCH, SQRT_HALF, _gap_cf, _gap_moderate, masked_apply
 from bmrs_pyro._truncnorm import _HALF_LOG_2PIE, _INSIDE, _narrow_weights
 
@@ -165,8 +168,9 @@ def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tenso
         flipped = _flipped_bounds(loc64, s64, low64, high64)
         flip, a, b = flipped
         width = high64 - low64
+        w = width / s64  # the interval in scales
         sample_fast = b >= -_FAST_SAMPLE_X  # the sampler's textbook inverse is exact there
-        fast = sample_fast & (width >= s64)  # and the textbook KL (_fast_kl_ok)
+        fast = _fast_kl_ok(a, b, w)  # and the textbook KL
         all_fast = bool(fast.all())
         ab = torch.stack((a, b, -b))
         cdf = torch.special.erfc(ab * -SQRT_HALF).mul_(0.5)  # Phi(a), Phi(b), Phi(-b)
@@ -180,8 +184,8 @@ def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tenso
     kl = _TextbookKL.apply(loc, scale, a, b, sign, s64, z_mass, e, ae, torch.log(width), None if all_fast else fast)
     if not all_fast:
         with torch.no_grad():  # wide posteriors (nearly uniform ones and beyond): quadrature
-            quad = ~fast & _quadrature_regime(b, width / s64)
-            far = ~fast & ~quad & _far_tail_regime(b, width / s64)
+            quad = ~fast & _quadrature_regime(b, w)
+            far = ~fast & ~quad & _far_tail_regime(b, w)
             careful = ~fast & ~quad & ~far
         if bool(quad.any()):
             kl = torch.where(quad, masked_apply(quad, _quadrature_kl, loc, scale, low64, high64), kl)
@@ -195,12 +199,7 @@ def step_kl_and_theta(loc: torch.Tensor, scale: torch.Tensor, low64: torch.Tenso
     if batch is None:
         return kl, None
     all_sample_fast = all_fast or bool(sample_fast.all())
-    # _fast_paths._uniform looked up at call time, as sample_sites does (tests substitute it).
-    us = [_fast_paths._uniform((batch, n), dtype if all_sample_fast or bool(f.all()) else torch.float64, loc.device)
-          for f, n in zip(sample_fast.split(list(sizes)), sizes)]
-    if len({u.dtype for u in us}) > 1:
-        us = [u.double() for u in us]
-    u = us[0] if len(us) == 1 else torch.cat(us, dim=-1)
+    u = _site_uniforms(sample_fast, sizes, batch, dtype, all_sample_fast)
     if all_sample_fast:
         theta = _fast_icdf(loc, scale, None, None, u, dtype=dtype, exp=True, consts=consts, exp_bounds=exp_bounds)
     else:  # float64 parameters, as sample_sites passes them: the tail structures' draws are float64
